@@ -1,0 +1,26 @@
+"""Triton kernels of RaBitQ decode, each beside its plain-torch reference in sglang_rabitq.reference.
+
+Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
+``prepare_query`` (rotate + INT4) -> ``score_chunks`` (estimate, chunk max / sum-exp / histogram)
+-> ``top_p_threshold`` (per query head) -> ``sparse_attention`` (select + exact attention, split
+over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
+"""
+
+from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer
+from sglang_rabitq.kernels.encode import encode_slots
+from sglang_rabitq.kernels.query import prepare_query
+from sglang_rabitq.kernels.score import score_chunks
+from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
+
+__all__ = [
+    "DecodePlan",
+    "DecodeWorkspace",
+    "encode_slots",
+    "merge_partials",
+    "prepare_query",
+    "rabitq_decode_layer",
+    "score_chunks",
+    "sparse_attention",
+    "top_p_threshold",
+]

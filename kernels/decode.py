@@ -1,0 +1,101 @@
+"""One RaBitQ decode step of one layer on the device: plan buffers, workspace and the launch
+sequence (reference: ``sglang_rabitq.reference.rabitq_decode``).
+
+Host-side planning happens once per batch (``DecodePlan.fill``, torch ops only, no host sync);
+every launch reads lengths from device memory and has a grid fixed by the batch size, so a whole
+decode step can be captured in a CUDA graph and replayed with a data-dependent budget.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from sglang_rabitq.kernels.query import prepare_query
+from sglang_rabitq.kernels.score import ChunkStats, score_chunks
+from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
+
+BLOCK_N = 64  # tokens per inner block of the score and attention kernels
+PROGRAMS_PER_SM = 4
+
+
+def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks."""
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, bsz * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_context, 2 * BLOCK_N)))
+
+
+class DecodePlan:
+    """Per request of a decode batch (int32 rows): req pool index, sink end S', scored-region
+    end E, chunk length, sequence length L. See ``reference.decode_regions`` for S' and E."""
+
+    FIELDS = 5
+
+    def __init__(self, max_bs: int, device):
+        self.rows = torch.zeros(max_bs, self.FIELDS, dtype=torch.int32, device=device)
+
+    def fill(
+        self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, encoded_lens: torch.Tensor,
+        sink: int, window: int, num_chunks: int,
+    ) -> torch.Tensor:
+        bsz = req_pool_indices.shape[0]
+        length = seq_lens.to(torch.int32)
+        sink_end = torch.clamp(length, max=sink)
+        score_end = torch.maximum(sink_end, torch.minimum(encoded_lens.to(torch.int32), length - window))
+        scored = score_end - sink_end
+        per_chunk = torch.clamp((scored + num_chunks - 1) // num_chunks, min=1)
+        chunk_len = (per_chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        rows = self.rows[:bsz]
+        rows.copy_(torch.stack([req_pool_indices.to(torch.int32), sink_end, score_end, chunk_len, length], dim=1))
+        return rows
+
+
+class DecodeWorkspace:
+    """Scratch buffers of the decode kernels, sized once for the largest batch (CUDA-graph stable)."""
+
+    def __init__(self, max_bs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 max_context: int, device, num_sms: int | None = None):
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
+        self.num_q_heads, self.num_kv_heads, self.max_context, self.num_sms = num_q_heads, num_kv_heads, max_context, num_sms
+        most = max(b * chunks_for_batch(b, num_kv_heads, max_context, num_sms) for b in range(1, max_bs + 1))
+        parts = most + max_bs  # + one sink/window program per request
+        f32 = dict(dtype=torch.float32, device=device)
+        self.plan = DecodePlan(max_bs, device)
+        self.qu = torch.empty(max_bs, num_q_heads, head_dim, dtype=torch.int8, device=device)
+        self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
+        self.thr = torch.empty(max_bs, num_q_heads, **f32)
+        self.stats = ChunkStats(most * num_q_heads, device)
+        self.partial_out = torch.empty(parts * num_q_heads, head_dim, **f32)
+        self.partial_lse = torch.empty(parts * num_q_heads, **f32)
+        self.kept = torch.zeros(parts * num_kv_heads, dtype=torch.int32, device=device)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def num_chunks(self, bsz: int) -> int:
+        return chunks_for_batch(bsz, self.num_kv_heads, self.max_context, self.num_sms)
+
+    def kept_tokens(self, bsz: int) -> torch.Tensor:
+        """Tokens attended per (request, kv-head) by the last launch: ``[B, Hkv]``."""
+        nc = self.num_chunks(bsz)
+        return self.kept[: bsz * self.num_kv_heads * (nc + 1)].view(bsz, self.num_kv_heads, nc + 1).sum(-1)
+
+
+def rabitq_decode_layer(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
+    rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
+    *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest",
+) -> torch.Tensor:
+    """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``."""
+    bsz, hq, _ = q.shape
+    nc = ws.num_chunks(bsz)
+    plan = ws.plan.rows[:bsz]
+    qu, qscal, thr = ws.qu[:bsz], ws.qscal[:bsz], ws.thr[:bsz]
+    if not dense:
+        prepare_query(q, rot, qu, qscal, ws.seed, rounding)
+        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, sm_scale, k_buf.shape[1], nc, BLOCK_N)
+        top_p_threshold(ws.stats, thr, top_p, nc)
+    sparse_attention(q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
+                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
+    merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)
+    return out

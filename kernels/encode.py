@@ -1,0 +1,59 @@
+"""Encode keys of given KV-pool slots into 1-bit codes + fused factor (reference: ``encode_keys``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _encode_kernel(
+    k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
+    stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
+    D: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
+    valid = slots >= 0  # -1 marks padding in fixed-size (CUDA-graph) slot lists
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_ptr + slots[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)
+    kc = k - tl.load(center_ptr + h * D + offs_d)[None, :]
+    rot = tl.load(rot_ptr + h * D * D + offs_d[:, None] * D + offs_d[None, :])
+    o = tl.dot(kc, rot, input_precision="ieee")  # kc @ P: the one rotation convention
+    norm_sq = tl.sum(kc * kc, axis=1)
+    l1 = tl.sum(tl.abs(o), axis=1)
+    factor = tl.where(l1 > 0, norm_sq / tl.where(l1 > 0, l1, 1.0), 0.0)
+    # pack: bit d -> word d // 32, position d % 32 (distinct bits: the sum is an OR, wrap included)
+    bits = tl.reshape((o > 0).to(tl.int32), (BLOCK_N, WORDS, 32))
+    words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+    offs_w = tl.arange(0, WORDS)
+    tl.store(code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :], words, mask=valid[:, None])
+    tl.store(factor_ptr + slots * stride_fn + h, factor, mask=valid)
+
+
+def encode_slots(
+    k_buf: torch.Tensor,
+    slots: torch.Tensor,
+    rot: torch.Tensor,
+    center: torch.Tensor,
+    codes: torch.Tensor,
+    factor: torch.Tensor,
+) -> None:
+    """Encode ``k_buf[slots]`` (``[num_slots, H, D]``) into ``codes[slots]`` and ``factor[slots]``.
+
+    ``slots`` is int32/int64; entries < 0 are skipped. ``rot [H, D, D]``, ``center [H, D]`` float32.
+    """
+    n = slots.numel()
+    if n == 0:
+        return
+    _, h, d = k_buf.shape
+    block_n = 32
+    _encode_kernel[(triton.cdiv(n, block_n), h)](
+        k_buf, slots, rot, center, codes, factor, n,
+        k_buf.stride(0), k_buf.stride(1), codes.stride(0), codes.stride(1), factor.stride(0),
+        D=d, WORDS=d // 32, BLOCK_N=block_n,
+    )

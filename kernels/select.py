@@ -1,0 +1,65 @@
+"""Top-p threshold per (request, query head) from the chunks' histograms: no sort, no host sync
+(reference: ``hist_threshold``; the crossing-bin rule is ``crossing_threshold``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_rabitq.kernels.score import NO_BIN, ChunkStats
+from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
+
+
+@triton.jit
+def _threshold_kernel(
+    cmax_ptr, csum_ptr, ctop_ptr, cmass_ptr, ccount_ptr, thr_ptr, top_p, HQ, NC,
+    NCP: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
+):
+    row = tl.program_id(0) * HQ + tl.program_id(1)
+    base = row * NC
+    offs_c = tl.arange(0, NCP)
+    cm = tl.load(cmax_ptr + base + offs_c, mask=offs_c < NC, other=float("-inf"))
+    m = tl.max(cm, axis=0)
+    any_live = m > float("-inf")
+    m0 = tl.where(any_live, m, 0.0)
+    live = cm > float("-inf")
+    z = tl.sum(tl.where(live, tl.load(csum_ptr + base + offs_c, mask=live, other=0.0) * tl.exp(cm - m0), 0.0), axis=0)
+    top = tl.max(tl.where(live, tl.load(ctop_ptr + base + offs_c, mask=live, other=NO_BIN), NO_BIN), axis=0)
+    offs_j = tl.arange(0, NB)
+    mass = tl.zeros((NB,), tl.float32)
+    count = tl.zeros((NB,), tl.int32)
+    for c in range(NC):  # sum the chunks' histograms, re-anchored to the global top bin
+        mc = tl.load(cmax_ptr + base + c)
+        src = offs_j - (top - tl.load(ctop_ptr + base + c))
+        src = tl.where(mc > float("-inf"), src, -1)  # an empty chunk adds nothing
+        ok = src >= 0
+        scale = tl.where(mc > float("-inf"), tl.exp(mc - m0), 0.0)
+        mass += tl.load(cmass_ptr + (base + c) * NB + src, mask=ok, other=0.0) * scale
+        count += tl.load(ccount_ptr + (base + c) * NB + src, mask=ok, other=0)
+    cum = tl.cumsum(mass, axis=0)
+    target = top_p * z
+    k = tl.min(tl.where(cum >= target, offs_j, NB), axis=0)
+    at_k = offs_j == k
+    bin_mass = tl.sum(tl.where(at_k, mass, 0.0), axis=0)
+    above = tl.sum(tl.where(at_k, cum, 0.0), axis=0) - bin_mass
+    lo = (top - k).to(tl.float32) * BIN_W
+    # inside the crossing bin: interpolate as if its mass were spread evenly in logit ...
+    frac = tl.minimum(tl.maximum((target - above) / tl.where(bin_mass > 0, bin_mass, 1.0), 0.0), 1.0)
+    e_hi = tl.exp(lo + BIN_W - m0)
+    interp = m0 + tl.log(tl.maximum(e_hi - frac * (e_hi - tl.exp(lo - m0)), 1e-30))
+    # ... unless it holds few tokens: then keep it whole
+    small = tl.sum(tl.where(at_k, count, 0), axis=0) <= SMALL
+    thr = tl.minimum(tl.where(small, lo, interp), m0)  # the arg-max is always kept
+    # -inf keeps every token: p = 1, an empty region, or bins that never reach p
+    found = any_live & (k < NB) & (top_p < 1.0)
+    tl.store(thr_ptr + row, tl.where(found, thr, float("-inf")))
+
+
+def top_p_threshold(stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int) -> None:
+    """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept."""
+    bsz, hq = thr.shape
+    _threshold_kernel[(bsz, hq)](
+        stats.max, stats.sum, stats.top, stats.mass, stats.count, thr, float(top_p), hq, num_chunks,
+        NCP=triton.next_power_of_2(num_chunks), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN,
+    )

@@ -1,0 +1,5 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``)."""
+
+
+def load() -> None:
+    pass

@@ -1,0 +1,44 @@
+"""RaBitQ settings: one validated dataclass, filled from SGLang's server args (``--rabitq-*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from sglang_rabitq.validation import check_non_negative, check_top_p
+
+CENTER_MODES = ("none", "calibrate")
+ROUNDING_MODES = ("nearest", "random")
+
+
+@dataclass(frozen=True)
+class RaBitQConfig:
+    top_p: float = 0.9  # estimated attention mass each query head keeps
+    sink: int = 64  # first tokens always attended
+    window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
+    dense_layers: int = 2  # first layers attend densely
+    encode_chunk: int = 64  # decoded tokens are encoded in batches of this many
+    center: str = "none"  # key centring: none, or per (layer, kv-head) mean of the first prefill
+    rounding: str = "nearest"  # INT4 query rounding: nearest or random (unbiased)
+    seed: int = 0  # seed of the random rotations
+
+    def __post_init__(self) -> None:
+        check_top_p(self.top_p)
+        check_non_negative(
+            sink=self.sink, window=self.window, dense_layers=self.dense_layers, seed=self.seed
+        )
+        if int(self.encode_chunk) != self.encode_chunk or self.encode_chunk < 1:
+            raise ValueError(f"encode_chunk must be a positive integer, got {self.encode_chunk}")
+        if self.center not in CENTER_MODES:
+            raise ValueError(f"center must be one of {CENTER_MODES}, got {self.center!r}")
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+
+    @classmethod
+    def from_server_args(cls, server_args) -> "RaBitQConfig":
+        """Read ``server_args.rabitq_<field>`` for every field (defaults where a flag is absent)."""
+        values = {}
+        for f in fields(cls):
+            v = getattr(server_args, f"rabitq_{f.name}", None)
+            if v is not None:
+                values[f.name] = v
+        return cls(**values)

@@ -1,0 +1,87 @@
+"""One RaBitQ decode step for a batch, end to end, in plain torch: the kernels' ground truth.
+
+A request of length ``L`` whose first ``encoded`` positions have codes is split into
+``sink = [0, S')``, ``scored = [S', E)`` and ``window = [E, L)`` with ``S' = min(S, L)`` and
+``E = max(S', min(encoded, L - W))``: the window holds every not-yet-encoded token and at least the
+last ``W``. Sink and window are always attended; from the scored region each query head keeps its
+top-p set of estimated weights and a kv-head attends the union of its query heads' sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_rabitq.reference.attention import sparse_decode_attention
+from sglang_rabitq.reference.codes import estimate_int, quantize_query
+from sglang_rabitq.reference.select import top_p_mask, top_p_mask_hist
+
+
+@dataclass(frozen=True)
+class DecodeRegions:
+    sink_end: int  # S'
+    score_end: int  # E
+    length: int  # L
+
+
+def decode_regions(length: int, encoded: int, sink: int, window: int) -> DecodeRegions:
+    sink_end = min(sink, length)
+    score_end = max(sink_end, min(encoded, length - window))
+    return DecodeRegions(sink_end, score_end, length)
+
+
+def rabitq_decode(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    codes: torch.Tensor,
+    factor: torch.Tensor,
+    rot: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    encoded_lens: torch.Tensor,
+    *,
+    top_p: float,
+    sink: int,
+    window: int,
+    sm_scale: float,
+    dense: bool = False,
+    selector: str = "hist",
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
+
+    ``selector="hist"`` mirrors the kernels; ``"exact"`` uses the minimal sort-based top-p set.
+    ``dense=True`` attends every token (the layers kept dense).
+    """
+    select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
+    bsz, hq, d = q.shape
+    hkv = k_buf.shape[1]
+    group = hq // hkv
+    q_u, delta, qmin = quantize_query(q, rot)
+    out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
+    attended: list[list[torch.Tensor]] = []
+    for b in range(bsz):
+        length = int(seq_lens[b])
+        reg = decode_regions(length, int(encoded_lens[b]), sink, window)
+        row = req_to_token[int(req_pool_indices[b]), :length].to(torch.int64)
+        scored = row[reg.sink_end : reg.score_end]
+        always = torch.cat([row[: reg.sink_end], row[reg.score_end :]])
+        per_head = []
+        for h in range(hkv):
+            if dense or scored.numel() == 0:
+                chosen = scored
+            else:
+                logits = torch.stack(
+                    [
+                        estimate_int(codes[scored, h], factor[scored, h], q_u[b, qh], delta[b, qh], qmin[b, qh])
+                        * sm_scale
+                        for qh in range(h * group, (h + 1) * group)
+                    ]
+                )
+                chosen = scored[select(logits, top_p).any(0)]
+            per_head.append(torch.sort(torch.cat([always, chosen])).values)
+        out[b] = sparse_decode_attention(q[b], k_buf, v_buf, per_head, sm_scale)
+        attended.append(per_head)
+    return out, attended

@@ -1,0 +1,103 @@
+"""Top-p token selection from estimated logits.
+
+``top_p_mask`` states the semantics: the smallest set of tokens whose softmax mass reaches ``p``
+(ties broken towards the lower index; the arg-max is always kept; ``p = 1`` keeps every token).
+
+``hist_threshold`` / ``top_p_mask_hist`` are what the kernels compute without a sort. Logits fall
+into ``HIST_BINS`` bins of width ``BIN_WIDTH`` on an absolute grid, counted down from the maximum's
+bin; each bin carries its exact mass and count. Bins are taken from the top until the cumulative
+mass would pass ``p`` of the exact normalizer; inside that last bin the threshold is interpolated
+as if its mass were spread evenly in logit, except that a bin of at most ``SMALL_BIN`` tokens is
+kept whole (with few tokens the even-spread guess can cut off most of the bin's mass). The
+threshold never exceeds the maximum, so the arg-max is always kept. Tokens more than
+``HIST_BINS * BIN_WIDTH`` below the maximum are only kept when the bins never reach ``p``, and then
+every token is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sglang_rabitq.validation import check_top_p
+
+BIN_WIDTH = 0.25  # logit units per bin
+HIST_BINS = 64  # bins counted down from the maximum's: 16 logit units
+SMALL_BIN = 16  # a crossing bin with at most this many tokens is kept whole
+
+
+def _masked_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    x = logits.to(torch.float64)
+    if valid is not None:
+        x = x.masked_fill(~valid, float("-inf"))
+    return x
+
+
+def top_p_mask(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum)."""
+    check_top_p(p)
+    x = _masked_logits(logits, valid)
+    has_any = torch.isfinite(x).any(-1, keepdim=True)
+    if p >= 1.0:
+        return torch.isfinite(x) & has_any
+    # stable descending sort: among equal logits the lower index comes first
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    probs = torch.softmax(torch.gather(x, -1, order), dim=-1)
+    before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
+    keep_sorted = (before < p) & torch.isfinite(torch.gather(x, -1, order))
+    mask = torch.zeros_like(keep_sorted)
+    mask.scatter_(-1, order, keep_sorted)
+    return mask & has_any
+
+
+def crossing_threshold(
+    top_bin: int, k: int, mass_above: float, bin_mass: float, bin_count: int, target: float, m: float
+) -> float:
+    """Logit threshold inside bin ``k`` (counted down from ``top_bin``) reaching ``target`` mass.
+
+    Masses are relative to ``exp(m)``. Shared by the reference and the kernels' host-side tests.
+    """
+    lo = (top_bin - k) * BIN_WIDTH
+    if bin_count <= SMALL_BIN:
+        return min(lo, m)
+    hi = lo + BIN_WIDTH
+    frac = min(max((target - mass_above) / bin_mass, 0.0), 1.0)
+    e_hi, e_lo = math.exp(hi - m), math.exp(lo - m)
+    return min(m + math.log(e_hi - frac * (e_hi - e_lo)), m)
+
+
+def hist_threshold(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``logits [R, N]``, the logit threshold kept (``-inf`` keeps every token)."""
+    check_top_p(p)
+    x = _masked_logits(logits, valid)
+    out = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
+    if p >= 1.0:
+        return out
+    for r in range(x.shape[0]):
+        row = x[r][torch.isfinite(x[r])]
+        if row.numel() == 0:
+            continue
+        m = float(row.max())
+        weights = torch.exp(row - m)
+        z = float(weights.sum())
+        top = math.floor(m / BIN_WIDTH)
+        k = top - torch.floor(row / BIN_WIDTH).to(torch.int64)
+        inside = k < HIST_BINS
+        mass = torch.zeros(HIST_BINS, dtype=torch.float64).index_add_(0, k[inside], weights[inside])
+        count = torch.bincount(k[inside], minlength=HIST_BINS)
+        cum = torch.cumsum(mass, 0)
+        hit = torch.nonzero(cum >= p * z)
+        if hit.numel():
+            kk = int(hit[0])
+            out[r] = crossing_threshold(
+                top, kk, float(cum[kk] - mass[kk]), float(mass[kk]), int(count[kk]), p * z, m
+            )
+    return out
+
+
+def top_p_mask_hist(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels' histogram top-p selection, per row of ``logits [R, N]``."""
+    thr = hist_threshold(logits, p, valid).to(logits.device)
+    x = _masked_logits(logits, valid)
+    return (x >= thr[:, None]) & torch.isfinite(x)

@@ -1,0 +1,51 @@
+"""Random decode batches laid out like SGLang's pools, shared by the kernel tests and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_rabitq.reference import encode_keys, random_rotation
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [B, Hq, D]
+    k_buf: torch.Tensor  # [slots, Hkv, D]
+    v_buf: torch.Tensor
+    codes: torch.Tensor  # [slots, Hkv, D/32]
+    factor: torch.Tensor  # [slots, Hkv]
+    rot: torch.Tensor  # [Hkv, D, D]
+    req_to_token: torch.Tensor  # [R, C] int32
+    req_pool_indices: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B]
+    encoded_lens: torch.Tensor  # [B]
+
+
+def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, peaked=True, seed=0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    pool = sum(lens) + 16
+    k = torch.randn(pool, hkv, d, generator=gen)
+    v = torch.randn(pool, hkv, d, generator=gen)
+    q = torch.randn(len(lens), hq, d, generator=gen)
+    if peaked:  # real attention is peaked: give every query a few strongly aligned keys
+        idx = torch.randint(1, pool, (len(lens), 8), generator=gen)
+        for b in range(len(lens)):
+            for h in range(hkv):
+                k[idx[b], h] += q[b, h * (hq // hkv)] * 0.5
+    k, v, q = k.to(dtype), v.to(dtype), q.to(dtype)
+    req_to_token = torch.zeros(len(lens) + 3, max(lens) + 8, dtype=torch.int32)
+    perm = torch.randperm(pool - 1, generator=gen) + 1  # slot 0 is SGLang's padding slot
+    off = 0
+    rpi = torch.arange(len(lens)) + 2
+    for i, n in enumerate(lens):
+        req_to_token[rpi[i], :n] = perm[off : off + n].to(torch.int32)
+        off += n
+    rot = random_rotation(d, seed=seed, num_heads=hkv)
+    codes, factor = encode_keys(k.float(), rot)
+    seq = torch.tensor(lens)
+    enc = torch.tensor(encoded) if encoded is not None else seq.clone()
+    to = dict(device=device)
+    return Batch(q.to(**to), k.to(**to), v.to(**to), codes.to(**to), factor.to(**to), rot.to(**to),
+                 req_to_token.to(**to), rpi.to(**to), seq.to(**to), enc.to(**to))

@@ -1,0 +1,270 @@
+"""The eval drivers end to end against a fake SGLang server (this file, run as a script), on CPU in seconds.
+
+The fake speaks the endpoints the drivers use: /health_generate, /server_info, /flush_cache, /metrics
+(Prometheus text with SGLang's and, for --attention-backend rabitq, the rabitq counters), streaming and plain
+/v1/chat/completions, and streaming /generate. Answers are read out of the prompt (so scores are not trivial);
+the rabitq fake gets every fifth answer wrong so agreement < 1 is visible.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -------------------------------------------------------------------------------------------- fake server
+
+
+class Fake:
+    lock = threading.Lock()
+    counters = {"prompt": 0.0, "cached": 0.0, "attended": 0.0, "context": 0.0, "reused": 0.0, "encoded": 0.0}
+    prompts: list[str] = []
+    backend = "flashinfer"
+    top_p = None
+
+
+def fake_answer(prompt: str, last: str) -> str:
+    q = last.rsplit("\n\n", 1)[-1]
+    m = re.search(r"magic numbers? for (\S+) mentioned", q)
+    if m:
+        vals = re.findall(rf"magic numbers for {re.escape(m.group(1))} is: (\d+)", prompt)
+        ans = ", ".join(vals)
+    elif (m := re.search(r"town of (\w+)|founded (\w+)\?|founder of (\w+)|founding of (\w+)", q)):
+        town = next(g for g in m.groups() if g)
+        f = re.search(rf"{town}\. {town} is a town near [^.]*\. It was founded by ([\w ]+) in", prompt)
+        ans = f"{town} was founded by {f.group(1)}." if f else "I do not know."
+    else:
+        ans = "I do not know the answer to that question."
+    if Fake.backend == "rabitq" and int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 5 == 0:
+        ans = "Something different entirely."
+    return ans
+
+
+def account(prompt: str, n_out: int) -> tuple[int, int]:
+    """Prompt/cached tokens (4 chars each, cached = longest common prefix with an earlier prompt)."""
+    with Fake.lock:
+        best = 0
+        for p in Fake.prompts:
+            n = len(os.path.commonprefix([p, prompt]))
+            best = max(best, n)
+        Fake.prompts.append(prompt)
+        pt, ct = len(prompt) // 4, best // 4
+        Fake.counters["prompt"] += pt
+        Fake.counters["cached"] += ct
+        if Fake.backend == "rabitq":
+            Fake.counters["context"] += n_out * pt
+            Fake.counters["attended"] += n_out * pt * (1 - (Fake.top_p or 0.9)) * 2
+            Fake.counters["reused"] += ct
+            Fake.counters["encoded"] += pt - ct
+    return pt, ct
+
+
+def metrics_text() -> str:
+    c = Fake.counters
+    lines = ["# HELP sglang:prompt_tokens_total x", "# TYPE sglang:prompt_tokens_total counter",
+             f'sglang:prompt_tokens_total{{model_name="fake",is_streaming="true"}} {c["prompt"]}',
+             f'sglang:cached_tokens_total{{model_name="fake",cache_source="device"}} {c["cached"]}']
+    if Fake.backend == "rabitq":
+        lines += [f"sglang_rabitq_attended_tokens_total {c['attended']}",
+                  "sglang_rabitq_attended_tokens_created 1.7e9",
+                  f"sglang_rabitq_context_tokens_total {c['context']}",
+                  f'sglang_rabitq_codes_reused_total{{tp_rank="0"}} {c["reused"]}',
+                  f'sglang_rabitq_codes_encoded_total{{tp_rank="0"}} {c["encoded"]}',
+                  f"sglang_rabitq_encode_seconds_total {c['encoded'] * 1e-6}"]
+    return "\n".join(lines) + "\n"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body, ctype="application/json"):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _sse_start(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _sse(self, obj):
+        self.wfile.write(f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode())
+        self.wfile.flush()
+
+    def do_GET(self):
+        if self.path.startswith("/health"):
+            self._send(200, "")
+        elif self.path.startswith("/metrics"):
+            self._send(200, metrics_text(), "text/plain")
+        elif self.path.startswith("/server_info"):
+            self._send(200, json.dumps({"max_total_num_tokens": 50_000, "version": "fake"}))
+        else:
+            self._send(404, "{}")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path.startswith("/flush_cache"):
+            with Fake.lock:
+                Fake.prompts.clear()
+            self._send(200, "")
+        elif self.path.startswith("/v1/chat/completions"):
+            self.chat(body)
+        elif self.path.startswith("/generate"):
+            self.generate(body)
+        else:
+            self._send(404, "{}")
+
+    def chat(self, body):
+        prompt = "\n".join(m["content"] for m in body["messages"])
+        words = fake_answer(prompt, body["messages"][-1]["content"]).split(" ")[: body.get("max_tokens", 16)]
+        pt, ct = account(prompt, len(words))
+        usage = {"prompt_tokens": pt, "completion_tokens": len(words), "total_tokens": pt + len(words),
+                 "prompt_tokens_details": {"cached_tokens": ct} if ct else None}
+        base = {"id": "x", "created": 0, "model": "fake"}
+        if not body.get("stream"):
+            msg = {"role": "assistant", "content": " ".join(words)}
+            self._send(200, json.dumps({**base, "object": "chat.completion", "usage": usage,
+                                        "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}))
+            return
+        self._sse_start()
+        for i, w in enumerate(words):
+            time.sleep(0.002)
+            delta = {"role": "assistant", "content": (" " if i else "") + w}
+            self._sse({**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+        self._sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        self._sse("[DONE]")
+
+    def generate(self, body):
+        ids = body["input_ids"]
+        n = body["sampling_params"]["max_new_tokens"]
+        account(" ".join(map(str, ids[:64])) + str(len(ids)), n)
+        self._sse_start()
+        time.sleep(len(ids) * 1e-6)
+        for i in range(1, n + 1):
+            time.sleep(0.001)
+            self._sse({"output_ids": list(range(i)), "meta_info": {"completion_tokens": i, "prompt_tokens": len(ids)}})
+        self._sse("[DONE]")
+
+
+def serve():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--attention-backend")
+    ap.add_argument("--rabitq-top-p", type=float)
+    args, _ = ap.parse_known_args()
+    Fake.backend, Fake.top_p = args.attention_backend, args.rabitq_top_p
+    print("fake sglang", sys.argv, flush=True)
+    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+if __name__ != "__main__":
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from eval import accuracy, bench_decode, prefix_sharing, summary  # noqa: E402
+    from eval.server import Server  # noqa: E402
+
+    @pytest.fixture
+    def fake(monkeypatch, tmp_path):
+        monkeypatch.setenv("EVAL_SGLANG_LAUNCHER", str(Path(__file__).resolve()))
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"max_position_embeddings": 8192, "vocab_size": 1000}))
+        return model
+
+    def _port():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1] // 100 * 100 % 50000 + 10000
+
+    def test_server_context_manager_starts_and_kills(fake, tmp_path):
+        with Server(str(fake), "flashinfer", port=_port(), log_path=tmp_path / "s.log", timeout=30) as srv:
+            pid = srv.proc.pid
+            assert srv.startup_s is not None
+            from eval.server import http_get, rabitq_snapshot
+
+            assert http_get(srv.url + "/health_generate")[0] == 200
+            assert rabitq_snapshot(srv.url)["attended"] is None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+        assert "fake sglang" in (tmp_path / "s.log").read_text()
+
+    def test_server_that_dies_raises_with_log(fake, tmp_path):
+        with pytest.raises(RuntimeError, match="exited"):
+            with Server(str(fake), "flashinfer", port=_port(), extra_args=["--port", "notaport"],
+                        log_path=tmp_path / "bad.log", timeout=30):
+                pass
+
+    def test_accuracy_driver(fake, tmp_path):
+        out = tmp_path / "accuracy.json"
+        res = accuracy.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "1024",
+                             "--samples", "2", "--top-p", "0.8,0.95", "--tasks", "niah_single,niah_multivalue,qa",
+                             "--metrics-settle", "0"])
+        data = json.loads(out.read_text())
+        assert data["command"] and data["sglang"] is not None and data["gpu"]
+        rows = {(r["task"], r["backend"], r["top_p"]): r for r in data["rows"]}
+        assert len(rows) == 9
+        assert rows[("niah_single", "dense", None)]["score"] == 100.0  # the fake reads the needle
+        assert rows[("niah_single", "dense", None)]["budget"] is None
+        assert rows[("qa", "rabitq", 0.8)]["budget"] == pytest.approx(0.4)
+        assert rows[("qa", "rabitq", 0.95)]["budget"] == pytest.approx(0.1)
+        assert len(res["runs"]) == 3 and all("error" not in r for r in res["runs"])
+
+    def test_prefix_sharing_driver(fake, tmp_path):
+        out = tmp_path / "prefix_sharing.json"
+        res = prefix_sharing.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--docs", "2",
+                                   "--doc-tokens", "1500", "--users", "6", "--concurrency", "1,3", "--chats", "2",
+                                   "--turns", "3", "--metrics-settle", "0"])
+        data = json.loads(out.read_text())
+        dense, ours = data["runs"]["dense"], data["runs"]["rabitq"]
+        assert dense["levels"][0]["correct"] == dense["chats"]["correct"] == 100.0
+        assert dense["totals"]["cache_hit_rate"] > 0.5  # same documents: long shared prefixes
+        assert ours["totals"]["codes_reused"] > ours["totals"]["codes_encoded"] > 0
+        assert 0.0 < data["agreement"]["overall"]["exact"] < 1.0
+        assert data["agreement"]["overall"]["compared"] + data["agreement"]["overall"]["diverged_inputs"] == 6 * 2 + 2 * 3
+        assert dense["repeat"]["self_exact"] == 1.0
+        assert res["summary"]["dense_tpot_ms"] > 0 and res["summary"]["codes_reused"] > 0
+
+    def test_bench_decode_driver_and_summary(fake, tmp_path):
+        out = tmp_path / "speed.json"
+        bench_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "2048,4096",
+                           "--batches", "1,4", "--gen", "12", "--prefill-reps", "1"])
+        data = json.loads(out.read_text())
+        assert {(r["context"], r["batch"]) for r in data["rows"]} == {(c, b) for c in (1024, 2048, 4096) for b in (1, 4)}
+        assert all(r["speedup"] > 0 and r["amdahl_limit"] is not None for r in data["rows"])
+        s = summary.main(["--accuracy", str(tmp_path / "none.json"), "--speed", str(out),
+                          "--prefix", str(tmp_path / "none.json"), "--out-dir", str(tmp_path)])
+        assert len(s["speed"]) == 6 and s["accuracy"] == []
+
+    def test_bench_decode_skips_points_beyond_the_kv_pool(fake, tmp_path):
+        out = tmp_path / "speed.json"
+        bench_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "16384",
+                           "--batches", "4", "--gen", "4", "--prefill-reps", "1", "--backends", "dense"])
+        data = json.loads(out.read_text())
+        assert data["runs"]["dense"]["skipped"][0]["context"] == 16384  # 4 x 16K > 50K fake pool
+        assert data["rows"] == []
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,84 @@
+"""eval/summary.py builds exactly the summary schema from small fake result files."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval import summary as SM  # noqa: E402
+
+META = {"gpu": "NVIDIA H100 80GB HBM3", "sglang": "0.5.17", "model": "/tmp/models/qwen05",
+        "date": "2026-11-23T10:00:00+00:00", "command": "python eval/x.py"}
+ACC = {**META, "rows": [
+    {"task": "niah_single", "context": 4096, "backend": "dense", "top_p": None, "score": 100.0, "budget": None, "n": 3},
+    {"task": "niah_single", "context": 4096, "backend": "rabitq", "top_p": 0.9, "score": 66.7, "budget": 0.12, "n": 3},
+    {"task": "qa", "context": 4096, "backend": "rabitq", "top_p": 0.95, "score": 50, "budget": None, "n": 3},
+]}
+SPEED = {**META, "rows": [
+    {"model": "qwen05", "context": 8192, "batch": 8, "dense_tok_s": 1000.0, "rabitq_tok_s": 1500.0, "speedup": 1.5,
+     "budget": 0.1, "amdahl_limit": 2.0, "encode_overhead_ms": 3.0},
+    {"model": "qwen05", "context": 16384, "batch": 8, "dense_tok_s": 800, "rabitq_tok_s": 1400, "speedup": 1.75,
+     "budget": None, "amdahl_limit": None, "encode_overhead_ms": None},
+]}
+PREFIX = {**META, "summary": {"agreement": 0.8, "codes_reused": 1200.0, "codes_encoded": 300,
+                              "dense_tpot_ms": 5.0, "rabitq_tpot_ms": 4}, "table": [["TPOT ms (all)", 5.0, 4.0]]}
+
+SCHEMA_TOP = {"gpu", "sglang", "model", "date", "accuracy", "speed", "prefix_sharing"}
+ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget"}
+SPEED_KEYS = {"model", "context", "batch", "dense_tok_s", "rabitq_tok_s", "speedup", "budget"}
+PREFIX_KEYS = {"agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms"}
+
+
+def check_schema(s):
+    assert set(s) == SCHEMA_TOP
+    assert all(isinstance(s[k], str) for k in ("gpu", "sglang", "model", "date"))
+    for r in s["accuracy"]:
+        assert set(r) == ACC_KEYS
+        assert isinstance(r["task"], str) and isinstance(r["context"], int) and r["backend"] in ("dense", "rabitq")
+        assert r["top_p"] is None or isinstance(r["top_p"], float)
+        assert isinstance(r["score"], float) and (r["budget"] is None or isinstance(r["budget"], float))
+        if r["backend"] == "dense":
+            assert r["top_p"] is None
+    for r in s["speed"]:
+        assert set(r) == SPEED_KEYS
+        assert isinstance(r["model"], str) and isinstance(r["context"], int) and isinstance(r["batch"], int)
+        for k in ("dense_tok_s", "rabitq_tok_s", "speedup"):
+            assert isinstance(r[k], float)
+    ps = s["prefix_sharing"]
+    assert set(ps) == PREFIX_KEYS
+    for k in ("codes_reused", "codes_encoded"):
+        assert ps[k] is None or isinstance(ps[k], int)
+
+
+def test_build_summary_schema():
+    s = SM.build_summary([ACC], [SPEED], PREFIX)
+    check_schema(s)
+    assert s["gpu"] == META["gpu"] and s["sglang"] == "0.5.17"
+    assert len(s["accuracy"]) == 3 and len(s["speed"]) == 2
+    assert s["prefix_sharing"]["codes_reused"] == 1200 and s["prefix_sharing"]["rabitq_tpot_ms"] == 4.0
+    assert s["accuracy"][1]["top_p"] == 0.9 and s["accuracy"][1]["budget"] == 0.12
+    json.dumps(s)  # plain JSON
+
+
+def test_build_summary_from_nothing():
+    s = SM.build_summary([], [], None)
+    check_schema(s)
+    assert s["accuracy"] == [] and s["speed"] == [] and s["prefix_sharing"]["agreement"] is None
+
+
+def test_main_writes_json_markdown_and_plots(tmp_path):
+    for name, d in (("accuracy.json", ACC), ("speed.json", SPEED), ("prefix_sharing.json", PREFIX)):
+        (tmp_path / name).write_text(json.dumps(d))
+    SM.main(["--accuracy", str(tmp_path / "accuracy.json"), "--speed", str(tmp_path / "speed.json"),
+             "--prefix", str(tmp_path / "prefix_sharing.json"), "--out-dir", str(tmp_path)])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    check_schema(s)
+    md = (tmp_path / "summary.md").read_text()
+    assert "niah_single" in md and "1.50" in md and "| agreement | 0.8 |" in md
+    assert "66.7 (12%)" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert (tmp_path / "speedup_vs_context.png").stat().st_size > 1000

@@ -1,0 +1,185 @@
+"""Kernels vs the plain-torch reference. On CPU they run under TRITON_INTERPRET=1 on small shapes;
+the same checks run on large shapes on a GPU. Inputs are fresh random tensors every run."""
+
+import math
+
+import pytest
+import torch
+
+from kernel_cases import make_batch
+from conftest import DEVICE
+from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, rabitq_decode_layer
+from sglang_rabitq.kernels.score import ChunkStats, score_chunks
+from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.decode import DecodePlan
+from sglang_rabitq.reference import (
+    encode_keys,
+    estimate_int,
+    hist_threshold,
+    quantize_query,
+    rabitq_decode,
+    random_rotation,
+    rotate,
+    unpack_bits,
+)
+
+GPU = pytest.mark.gpu
+ON_GPU = DEVICE == "cuda"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encode_bit_exact(d, dtype, fresh_seed):
+    h, n = 2, (3000 if ON_GPU else 70)
+    keys = torch.randn(n, h, d).to(dtype)
+    rot = random_rotation(d, seed=fresh_seed, num_heads=h)
+    center = torch.randn(h, d) * 0.1
+    slots = torch.randperm(n)[: n - 5]
+    slots = torch.cat([slots, torch.tensor([-1, -1])])  # padding entries are skipped
+    codes = torch.full((n, h, d // 32), 0x5A5A5A5A, dtype=torch.int32)  # poison
+    factor = torch.full((n, h), float("nan"))
+    dev = dict(device=DEVICE)
+    c_dev, f_dev = codes.to(**dev), factor.to(**dev)
+    encode_slots(keys.to(**dev), slots.to(**dev), rot.to(**dev), center.to(**dev), c_dev, f_dev)
+    ref_codes, ref_factor = encode_keys(keys.float(), rot, center)
+    written = slots[slots >= 0]
+    got_bits = unpack_bits(c_dev.cpu()[written])
+    ref_bits = unpack_bits(ref_codes[written])
+    # bits may differ only where a rotated component is within float rounding of zero
+    o = rotate(keys.double()[written] - center.double(), rot.double())
+    near_zero = o.abs() < 1e-5 * o.norm(dim=-1, keepdim=True)
+    assert torch.equal(got_bits[~near_zero], ref_bits[~near_zero])
+    assert torch.allclose(f_dev.cpu()[written], ref_factor[written], rtol=1e-5)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[written] = False
+    assert (c_dev.cpu()[untouched] == 0x5A5A5A5A).all() and f_dev.cpu()[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (7, 1)])
+def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
+    b = 3
+    q = torch.randn(b, hq, d).to(torch.bfloat16)
+    rot = random_rotation(d, seed=fresh_seed, num_heads=hkv)
+    qu = torch.full((b, hq, d), 99, dtype=torch.int8, device=DEVICE)
+    qscal = torch.full((b, hq, 3), float("nan"), device=DEVICE)
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qu, qscal)
+    ref_qu, delta, qmin = quantize_query(q.float(), rot)
+    assert torch.allclose(qscal[..., 0].cpu(), delta, rtol=1e-5) and torch.allclose(qscal[..., 1].cpu(), qmin, rtol=1e-5, atol=1e-6)
+    # rounding may differ only where (q' - min) / delta sits on a .5 boundary
+    rq = rotate(q.float(), rot.repeat_interleave(hq // hkv, 0))
+    scaled = (rq - qmin[..., None]) / delta[..., None]
+    tie = (scaled - scaled.floor() - 0.5).abs() < 1e-4
+    assert torch.equal(qu.cpu().int()[~tie], ref_qu[~tie])
+    assert torch.equal(qscal[..., 2].cpu(), qu.cpu().float().sum(-1))
+
+
+def test_prepare_query_random_rounding_is_unbiased():
+    d, n = 64, (4096 if ON_GPU else 256)
+    q = torch.randn(1, 1, d).expand(n, 1, d).contiguous()
+    rot = torch.eye(d).view(1, d, d)
+    qu = torch.empty(n, 1, d, dtype=torch.int8, device=DEVICE)
+    qscal = torch.empty(n, 1, 3, device=DEVICE)
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qu, qscal, torch.tensor([1234], device=DEVICE), "random")
+    deq = qscal[:, 0, 0:1].cpu() * qu[:, 0].cpu().float() + qscal[:, 0, 1:2].cpu()
+    assert (qu.cpu() != qu.cpu()[0]).any()  # draws differ across rows
+    step = float(qscal[0, 0, 0])
+    assert torch.allclose(deq.mean(0), q[0, 0], atol=5 * step / math.sqrt(n))
+
+
+def _plan(batch, ws_or_chunks, sink, window):
+    bsz = batch.q.shape[0]
+    plan = DecodePlan(bsz, DEVICE)
+    return plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, sink, window, ws_or_chunks)
+
+
+def _ref_logits(batch, b, h_kv, group, q_u, delta, qmin, sink, window, sm_scale):
+    from sglang_rabitq.reference import decode_regions
+
+    n = int(batch.seq_lens[b])
+    reg = decode_regions(n, int(batch.encoded_lens[b]), sink, window)
+    row = batch.req_to_token[int(batch.req_pool_indices[b]), reg.sink_end : reg.score_end].long().cpu()
+    codes, factor = batch.codes.cpu(), batch.factor.cpu()
+    return torch.stack([
+        estimate_int(codes[row, h_kv], factor[row, h_kv], q_u[b, qh], delta[b, qh], qmin[b, qh]) * sm_scale
+        for qh in range(h_kv * group, (h_kv + 1) * group)
+    ])
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (3, 1, 64)])
+@pytest.mark.parametrize("top_p", [0.8, 0.95])
+def test_score_and_threshold_match_reference(hq, hkv, d, top_p, fresh_seed):
+    lens = [3000, 900, 200] if ON_GPU else [700, 300, 90]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    sink, window, nc, sm = 16, 16, 3, d**-0.5
+    plan = _plan(batch, nc, sink, window)
+    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
+    qu = q_u.to(torch.int8).contiguous().to(DEVICE)
+    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
+    stats = ChunkStats(len(lens) * hq * nc, DEVICE)
+    score_chunks(qu, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stats, sm, hkv, nc)
+    thr = torch.full((len(lens), hq), float("nan"), device=DEVICE)
+    top_p_threshold(stats, thr, top_p, nc)
+    group = hq // hkv
+    for b in range(len(lens)):
+        for h in range(hkv):
+            logits = _ref_logits(batch, b, h, group, q_u, delta, qmin, sink, window, sm)
+            # chunk max / normalizer combine to the row's
+            rows = slice((b * hq + h * group) * nc, (b * hq + (h + 1) * group) * nc)
+            cmax = stats.max[rows].view(group, nc).cpu().double()
+            csum = stats.sum[rows].view(group, nc).cpu().double()
+            m = logits.max(-1).values
+            assert torch.allclose(cmax.max(-1).values, m, atol=1e-4)
+            z = (csum * torch.exp(cmax - m[:, None])).nan_to_num().sum(-1)
+            assert torch.allclose(z, torch.exp(logits - m[:, None]).sum(-1), rtol=1e-4)
+            ref_thr = hist_threshold(logits, top_p)
+            got = thr[b, h * group : (h + 1) * group].cpu().double()
+            # same threshold, or the same kept set (a float-rounding move inside a gap)
+            for g in range(group):
+                same_set = torch.equal(logits[g] >= got[g] - 1e-6, logits[g] >= ref_thr[g])
+                assert same_set or abs(float(got[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got[g]), float(ref_thr[g]))
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (14, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_layer_matches_reference(hq, hkv, d, dtype, fresh_seed):
+    lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
+    encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]  # request 0 has a lazy (unencoded) tail
+    batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed)
+    sink, window, sm, top_p = 16, 32, d**-0.5, 0.9
+    ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
+    ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, sink, window, ws.num_chunks(len(lens)))
+    out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=dtype)
+    rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                        batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p)
+    cpu = {k: v.cpu() for k, v in vars(batch).items()}
+    ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
+                                  cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
+                                  top_p=top_p, sink=sink, window=window, sm_scale=sm)
+    assert not out.isnan().any()
+    kept = ws.kept_tokens(len(lens)).cpu()
+    for b in range(len(lens)):
+        for h in range(hkv):
+            n_ref = len(attended[b][h])
+            assert abs(int(kept[b, h]) - n_ref) <= max(2, n_ref // 100), (b, h, int(kept[b, h]), n_ref)
+    assert torch.allclose(out.float().cpu(), ref, atol=3e-2, rtol=2e-2)
+    assert kept[0].max() < lens[0]  # sparse: the long request skipped tokens
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 8, 128)])
+def test_dense_layer_and_top_p_one_equal_dense_attention(hq, hkv, d, fresh_seed):
+    from sglang_rabitq.reference import dense_decode_attention
+
+    lens = [4000, 33] if ON_GPU else [400, 33]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    ws = DecodeWorkspace(2, hq, hkv, d, max(lens), DEVICE)
+    ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, 8, 8, ws.num_chunks(2))
+    for kwargs in (dict(dense=True, top_p=0.5), dict(dense=False, top_p=1.0)):
+        out = torch.empty(2, hq, d, device=DEVICE, dtype=torch.bfloat16)
+        rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                            batch.req_to_token, ws, out, sm_scale=0.1, **kwargs)
+        for b, n in enumerate(lens):
+            slots = batch.req_to_token[int(batch.req_pool_indices[b]), :n].long()
+            ref = dense_decode_attention(batch.q[b].float(), batch.k_buf[slots].float(), batch.v_buf[slots].float(), 0.1)
+            assert torch.allclose(out[b].float(), ref, atol=2e-2, rtol=2e-2)
+        assert torch.equal(ws.kept_tokens(2).cpu(), torch.tensor(lens).view(2, 1).expand(2, hkv))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from sglang_rabitq.reference import top_p_mask, top_p_mask_hist
+from sglang_rabitq.reference.decode import decode_regions
+
+
+def minimal_set_size(logits: torch.Tensor, p: float) -> int:
+    probs = torch.softmax(logits.double(), -1).sort(descending=True).values
+    return int(torch.searchsorted(torch.cumsum(probs, 0), torch.tensor([p], dtype=torch.float64)).item()) + 1
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.9, 0.95, 0.99])
+def test_top_p_is_minimal_and_holds_mass(p, fresh_seed):
+    logits = torch.randn(6, 300) * 3
+    mask = top_p_mask(logits, p)
+    probs = torch.softmax(logits.double(), -1)
+    for r in range(6):
+        kept = mask[r].sum().item()
+        assert kept == min(minimal_set_size(logits[r], p), 300)
+        assert probs[r][mask[r]].sum() >= p - 1e-12
+        # every kept token outweighs every dropped one
+        if kept < 300:
+            assert probs[r][mask[r]].min() >= probs[r][~mask[r]].max()
+        assert mask[r][logits[r].argmax()]
+
+
+def test_top_p_ties_take_lower_index():
+    logits = torch.zeros(1, 10)  # uniform: need 5 tokens for p = 0.5, the first five
+    assert top_p_mask(logits, 0.5)[0].tolist() == [True] * 5 + [False] * 5
+    logits = torch.tensor([[0.0, 5.0, 5.0, 5.0, 0.0]])
+    mask = top_p_mask(logits, 0.6)[0]
+    assert mask.tolist() == [False, True, True, False, False]
+
+
+def test_top_p_degenerate_rows():
+    dominant = torch.tensor([[0.0] * 20 + [60.0] + [0.0] * 20])
+    assert top_p_mask(dominant, 0.99)[0].nonzero().view(-1).tolist() == [20]
+    uniform = torch.zeros(1, 64)
+    assert top_p_mask(uniform, 1.0).all() and top_p_mask_hist(uniform, 1.0).all()
+    assert top_p_mask(uniform, 0.25).sum() == 16
+    single = torch.tensor([[3.0]])
+    assert top_p_mask(single, 0.1).all() and top_p_mask_hist(single, 0.1).all()
+    empty_row = torch.zeros(1, 4)
+    valid = torch.zeros(1, 4, dtype=torch.bool)
+    assert not top_p_mask(empty_row, 0.9, valid).any() and not top_p_mask_hist(empty_row, 0.9, valid).any()
+
+
+def test_top_p_respects_valid_mask():
+    logits = torch.tensor([[9.0, 1.0, 8.0, 0.0]])
+    valid = torch.tensor([[False, True, True, True]])
+    assert top_p_mask(logits, 0.9, valid)[0].tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("p", [0.8, 0.9, 0.95])
+@pytest.mark.parametrize("scale", [0.5, 2.0, 6.0])
+def test_hist_selection_is_a_near_minimal_superset(p, scale, fresh_seed):
+    logits = torch.randn(8, 2000) * scale
+    exact = top_p_mask(logits, p)
+    hist = top_p_mask_hist(logits, p)
+    probs = torch.softmax(logits.double(), -1)
+    for r in range(8):
+        # exact bin masses; only the crossing bin's interpolation can miss a little
+        assert probs[r][hist[r]].sum() >= p - 0.01
+        # a threshold set: it contains the minimal set or is contained in it
+        assert not (exact[r] & ~hist[r]).any() or not (hist[r] & ~exact[r]).any()
+        # near-minimal: off by part of one bin (width 1/4) at most
+        assert abs(int(hist[r].sum()) - int(exact[r].sum())) <= 0.05 * int(exact[r].sum()) + 16
+
+
+def test_hist_selection_keeps_argmax_and_mass_on_far_tail():
+    # a big flat tail far below the max: the bins must still reach p (or keep everything)
+    logits = torch.cat([torch.tensor([30.0]), torch.zeros(5000)]).view(1, -1)
+    for p in (0.5, 0.99):
+        mask = top_p_mask_hist(logits, p)
+        probs = torch.softmax(logits.double(), -1)
+        assert mask[0, 0] and probs[mask].sum() >= p - 1e-12
+
+
+@pytest.mark.parametrize(
+    "length,encoded,sink,window,expect",
+    [
+        (1000, 1000, 64, 64, (64, 936)),
+        (1000, 900, 64, 64, (64, 900)),  # unencoded tail stays in the window
+        (100, 100, 64, 64, (64, 64)),  # shorter than sink + window: all dense
+        (30, 30, 64, 64, (30, 30)),  # shorter than the sink
+        (1000, 1000, 0, 0, (0, 1000)),
+    ],
+)
+def test_decode_regions(length, encoded, sink, window, expect):
+    reg = decode_regions(length, encoded, sink, window)
+    assert (reg.sink_end, reg.score_end) == expect
+
+
+def test_bad_p_rejected():
+    for p in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            top_p_mask(torch.zeros(1, 3), p)
