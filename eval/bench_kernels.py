@@ -1,0 +1,194 @@
+"""One decode step of attention (one layer): RaBitQ score + select + sparse attention vs SGLang's
+dense decode kernels (FlashInfer's and SGLang's Triton kernel), same GPU, same run.
+
+    python eval/bench_kernels.py --out eval/results/kernels.json
+
+The budget is set by planting "hot" keys aligned with their queries' group (a fraction of every
+request's tokens): top-p then keeps about that fraction, and the measured budget (tokens attended
+/ context, from the kernel's own counters) is reported beside each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+
+from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.kernels.score import score_chunks
+from sglang_rabitq.reference import random_rotation
+
+SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
+
+
+def bench(fn, reps=50):
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1000.0  # us
+
+
+def graph_time(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
+
+
+def copy_bandwidth():
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src)) / 1e6
+    return 2 * src.numel() / t / 1e9  # GB/s, bytes read + written
+
+
+class Setup:
+    def __init__(self, hq, hkv, d, ctx, bs, seed=0):
+        torch.manual_seed(seed)
+        n = ctx * bs + 1
+        self.hq, self.hkv, self.d, self.ctx, self.bs = hq, hkv, d, ctx, bs
+        self.k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        self.v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        self.q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
+        self.r2t = (torch.arange(bs * ctx, device="cuda", dtype=torch.int32) + 1).view(bs, ctx)
+        self.rot = random_rotation(d, seed=1, num_heads=hkv).cuda()
+        self.center = torch.zeros(hkv, d, device="cuda")
+        self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device="cuda")
+        self.factor = torch.zeros(n, hkv, device="cuda")
+        self.out = torch.empty_like(self.q)
+        self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, "cuda")
+        self.seq = torch.full((bs,), ctx, device="cuda", dtype=torch.int32)
+        self.rpi = torch.arange(bs, device="cuda")
+
+    def plant(self, frac: float, sink=64, window=64):
+        """Make ``frac`` of every request's tokens strongly aligned with its query group."""
+        g = self.hq // self.hkv
+        group_dir = self.q.float().view(self.bs, self.hkv, g, self.d).sum(2)
+        group_dir = group_dir / group_dir.norm(dim=-1, keepdim=True)
+        hot = torch.rand(self.bs, self.ctx, device="cuda") < frac
+        slots = self.r2t[hot].long()
+        req = torch.nonzero(hot)[:, 0]
+        self.k[slots] = (group_dir[req] * 8 * math.sqrt(g)).to(self.k.dtype)
+        all_slots = self.r2t.flatten().long()
+        encode_slots(self.k, all_slots, self.rot, self.center, self.codes, self.factor)
+        self.ws.plan.fill(self.rpi, self.seq, self.seq, sink, window, self.ws.num_chunks(self.bs))
+
+    def ours(self, top_p):
+        return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
+                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p)
+
+    def score_only(self):
+        ws = self.ws
+        nc = ws.num_chunks(self.bs)
+        return lambda: score_chunks(ws.qu[: self.bs], ws.qscal[: self.bs], self.codes, self.factor, self.r2t,
+                                    ws.plan.rows[: self.bs], ws.stats, self.d**-0.5, self.hkv, nc)
+
+    def flashinfer(self):
+        import flashinfer
+
+        indptr = torch.arange(self.bs + 1, device="cuda", dtype=torch.int32) * self.ctx
+        indices = self.r2t.flatten()
+        last = torch.ones(self.bs, device="cuda", dtype=torch.int32)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"), "NHD",
+            use_tensor_cores=self.hq // self.hkv >= 4)
+        wrapper.plan(indptr, indices, last, self.hq, self.hkv, self.d, 1,
+                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        kc, vc = self.k.view(-1, 1, self.hkv, self.d), self.v.view(-1, 1, self.hkv, self.d)
+        return lambda: wrapper.run(self.q, (kc, vc))
+
+    def triton_dense(self):
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+
+        splits = 16
+        indptr = torch.arange(self.bs + 1, device="cuda", dtype=torch.int32) * self.ctx
+        indices = self.r2t.flatten().to(torch.int64)
+        logits = torch.empty(self.bs, self.hq, splits, self.d, device="cuda")
+        lse = torch.empty(self.bs, self.hq, splits, device="cuda")
+        nsplit = torch.full((self.bs,), splits, device="cuda", dtype=torch.int32)
+        o = torch.empty_like(self.q)
+        return lambda: decode_attention_fwd(self.q, self.k, self.v, o, indptr, indices, logits, lse, nsplit, splits,
+                                            self.d**-0.5, 1.0, 1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--budgets", default="0.05,0.10,0.20")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--out", default="eval/results/kernels.json")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        hq, hkv, d = SHAPES[shape]
+        for ctx in map(int, args.contexts.split(",")):
+            for bs in map(int, args.batches.split(",")):
+                s = Setup(hq, hkv, d, ctx, bs)
+                s.plant(0.0)
+                dense = {}
+                for name, make in (("flashinfer", s.flashinfer), ("triton", s.triton_dense)):
+                    try:
+                        dense[name] = bench(make())
+                    except Exception as e:  # a baseline that cannot run here is reported, not hidden
+                        print(f"{name} failed: {e!r}", flush=True)
+                dense_us = min(dense.values())
+                dense_bytes = bs * ctx * hkv * 2 * d * 2
+                for budget in map(float, args.budgets.split(",")):
+                    s.plant(budget)
+                    fn = s.ours(args.top_p)
+                    t = bench(fn)
+                    kept = s.ws.kept_tokens(bs).sum().item()
+                    real_budget = kept / (bs * hkv * ctx)
+                    t_graph = graph_time(fn)
+                    t_score = bench(s.score_only())
+                    code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
+                    our_bytes = 2 * code_bytes + kept * 2 * d * 2
+                    row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,
+                               target_budget=budget, budget=real_budget, top_p=args.top_p,
+                               flashinfer_us=dense.get("flashinfer"), triton_us=dense.get("triton"),
+                               dense_us=dense_us, rabitq_us=t, rabitq_graph_us=t_graph,
+                               speedup=dense_us / t, speedup_graph=dense_us / t_graph,
+                               score_us=t_score, score_gbps=code_bytes / (t_score / 1e6) / 1e9,
+                               gbps=our_bytes / (t / 1e6) / 1e9, dense_gbps=dense_bytes / (dense_us / 1e6) / 1e9)
+                    row["score_bw_fraction"] = row["score_gbps"] / bw
+                    rows.append(row)
+                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                del s
+                torch.cuda.empty_cache()
+    import sglang
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                sglang=sglang.__version__, date=datetime.date.today().isoformat(), copy_gbps=bw,
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    try:
+        import flashinfer
+        meta["flashinfer"] = flashinfer.__version__
+    except Exception:
+        pass
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = args.out.replace(".json", ".md")
+    with open(md, "w") as f:
+        f.write(f"# Decode attention, one layer: RaBitQ vs dense\n\n{meta['gpu']}, torch {meta['torch']}, triton "
+                f"{meta['triton']}, sglang {meta['sglang']}, flashinfer {meta.get('flashinfer')}, {meta['date']}. "
+                f"Copy bandwidth {bw:.0f} GB/s. Command: `{meta['command']}`\n\n"
+                "| shape | context | batch | budget | flashinfer us | triton us | rabitq us | graph us | speedup | score GB/s (% of copy) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['budget']:.3f} | {r['flashinfer_us'] or float('nan'):.1f} | "
+                    f"{r['triton_us'] or float('nan'):.1f} | {r['rabitq_us']:.1f} | {r['rabitq_graph_us']:.1f} | "
+                    f"{r['speedup_graph']:.2f}x | {r['score_gbps']:.0f} ({100 * r['score_bw_fraction']:.0f}%) |\n")
+    print("wrote", args.out, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The ``--rabitq-*`` flags: added to SGLang's parser, validated when the server args are built,
+and carried to every process (scheduler processes re-read them from the environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from sglang_rabitq.config import CENTER_MODES, ROUNDING_MODES, RaBitQConfig
+
+ENV = "SGLANG_RABITQ_CONFIG"
+PREFILL_CHOICES = ("flashinfer", "triton", "torch_native")
+_DEFAULTS = RaBitQConfig()
+
+
+def add_rabitq_args(parser) -> None:
+    g = parser.add_argument_group("RaBitQ sparse decode (--attention-backend rabitq)")
+    g.add_argument("--rabitq-top-p", type=float, default=_DEFAULTS.top_p,
+                   help="estimated attention mass each query head keeps, in (0, 1]; 1 attends every token")
+    g.add_argument("--rabitq-sink", type=int, default=_DEFAULTS.sink, help="first tokens always attended")
+    g.add_argument("--rabitq-window", type=int, default=_DEFAULTS.window,
+                   help="last tokens always attended (plus the not-yet-encoded tail)")
+    g.add_argument("--rabitq-dense-layers", type=int, default=_DEFAULTS.dense_layers, help="first layers attend densely")
+    g.add_argument("--rabitq-encode-chunk", type=int, default=_DEFAULTS.encode_chunk,
+                   help="decoded tokens are encoded in batches of this many")
+    g.add_argument("--rabitq-center", choices=CENTER_MODES, default=_DEFAULTS.center,
+                   help="key centring: none, or per (layer, kv-head) mean of the first prefill, then fixed")
+    g.add_argument("--rabitq-rounding", choices=ROUNDING_MODES, default=_DEFAULTS.rounding,
+                   help="INT4 query rounding: nearest or random (unbiased)")
+    g.add_argument("--rabitq-seed", type=int, default=_DEFAULTS.seed, help="seed of the random rotations")
+    g.add_argument("--rabitq-prefill-backend", choices=PREFILL_CHOICES, default="flashinfer",
+                   help="SGLang backend that runs the dense prefill / extend attention")
+
+
+def _after_add_cli_args(result, parser):
+    add_rabitq_args(parser)
+    return result
+
+
+def _around_from_cli_args(original, cls, args):
+    server_args = original(cls, args)
+    if getattr(server_args, "attention_backend", None) == "rabitq" or any(
+        getattr(server_args, a, None) == "rabitq" for a in ("prefill_attention_backend", "decode_attention_backend")
+    ):
+        fields = {f.name: getattr(args, f"rabitq_{f.name}") for f in dataclasses.fields(RaBitQConfig) if hasattr(args, f"rabitq_{f.name}")}
+        config = RaBitQConfig(**fields)  # raises a ValueError naming the bad flag before startup
+        payload = {"config": dataclasses.asdict(config), "prefill": args.rabitq_prefill_backend}
+        os.environ[ENV] = json.dumps(payload)  # inherited by the scheduler processes
+    return server_args
+
+
+def config_from_server_args(server_args) -> tuple[RaBitQConfig, str]:
+    """The validated config and the dense prefill backend name (defaults if no flag was given)."""
+    raw = os.environ.get(ENV)
+    if raw:
+        payload = json.loads(raw)
+        return RaBitQConfig(**payload["config"]), payload["prefill"]
+    return RaBitQConfig.from_server_args(server_args), getattr(server_args, "rabitq_prefill_backend", None) or "flashinfer"
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _around_from_cli_args, HookType.AROUND)

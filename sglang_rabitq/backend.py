@@ -1,0 +1,138 @@
+"""``--attention-backend rabitq``: dense prefill through SGLang's own kernels, RaBitQ sparse decode.
+
+The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``:
+- extend / prefill / mixed batches: the dense backend attends and saves K/V; then the keys of
+  every new token, and of any reused prefix slot without a valid code, are encoded per layer;
+- decode: the new K/V are saved, a chunk of older window tokens may be encoded (lazy refresh),
+  and each sparse layer runs score -> threshold -> sparse attention over the slot-indexed codes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_rabitq.code_pool import CodePool
+from sglang_rabitq.config import RaBitQConfig
+from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.model_check import check_runner
+from sglang_rabitq.planner import DecodePlanner, plan_extend
+from sglang_rabitq.stats import RaBitQStats
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+logger = logging.getLogger("sglang_rabitq")
+
+
+def _tp_rank_and_size(model_runner) -> tuple[int, int]:
+    return int(getattr(model_runner, "tp_rank", 0) or 0), int(getattr(model_runner, "tp_size", 1) or 1)
+
+
+class RaBitQAttnBackend(AttentionBackend):
+    def __init__(self, model_runner, config: RaBitQConfig, dense_backend: AttentionBackend):
+        super().__init__()
+        check_runner(model_runner)
+        self.config = config
+        self.dense = dense_backend
+        self.device = model_runner.device
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.kv_pool = model_runner.token_to_kv_pool
+        cfg = model_runner.model_config
+        tp_rank, tp_size = _tp_rank_and_size(model_runner)
+        self.num_kv_heads = cfg.get_num_kv_heads(tp_size)
+        self.num_q_heads = cfg.get_num_attention_heads(tp_size)
+        self.head_dim = cfg.head_dim
+        num_layers = cfg.num_hidden_layers
+        num_slots = self.kv_pool.size + self.kv_pool.page_size
+        max_bs = self.req_to_token.shape[0]
+        self.pool = CodePool(config, num_slots, max_bs, num_layers, self.num_kv_heads, self.head_dim,
+                             self.device, kv_head_offset=tp_rank * self.num_kv_heads)
+        self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device)
+        self.planner = DecodePlanner(self.pool, self.ws, max_bs, self.device)
+        self.stats = RaBitQStats(self.device, bool(getattr(model_runner.server_args, "enable_metrics", False)))
+        self.last_sparse_layer = self.pool.sparse_layers[-1] if self.pool.sparse_layers else -1
+        self._extend_slots = None
+        self._calibrating = False
+        logger.info(
+            "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); dense prefill: %s",
+            config, len(self.pool.sparse_layers), num_layers, self.pool.nbytes() / 2**20, num_slots,
+            self.pool.nbytes() // max(num_slots, 1), type(dense_backend).__name__,
+        )
+
+    # ---- metadata -------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self._plan_decode(forward_batch, mutate=True)
+            return
+        self.dense.init_forward_metadata(forward_batch)
+        slots, reused, encoded = plan_extend(
+            self.pool, self.req_to_token, forward_batch.req_pool_indices,
+            list(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
+        )
+        self._extend_slots = slots
+        self._calibrating = not self.pool.calibrated
+        self.stats.add("codes_reused", reused)
+        self.stats.add("codes_encoded", encoded)
+        self.stats.maybe_log()
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        # CUDA graphs cover decode only; this runs eagerly before capture and before each replay
+        self._plan_decode(forward_batch, mutate=not in_capture)
+
+    def _plan_decode(self, forward_batch, mutate: bool):
+        bsz = forward_batch.batch_size
+        encoded = self.planner.plan(self.req_to_token, forward_batch.req_pool_indices[:bsz],
+                                    forward_batch.seq_lens[:bsz], mutate=mutate)
+        if mutate:
+            self.stats.add("codes_encoded", encoded)
+            self.stats.maybe_log()
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        if max_bs > self.ws.plan.rows.shape[0]:
+            raise ValueError(f"CUDA-graph batch {max_bs} exceeds the request pool ({self.ws.plan.rows.shape[0]})")
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        lid = layer.layer_id
+        if self.pool.is_sparse(lid):
+            if self._calibrating:
+                # fixed for the server's lifetime: every request's codes share one frame (radix-safe)
+                self.pool.center[lid] = k.view(-1, self.num_kv_heads, self.head_dim).float().mean(0)
+                if lid == self.last_sparse_layer:
+                    self.pool.calibrated = True
+            k_buf = self.kv_pool.get_key_buffer(lid)
+            self.stats.time_encode(lambda: encode_slots(
+                k_buf, self._extend_slots, self.pool.rot[lid], self.pool.center[lid],
+                self.pool.codes[lid], self.pool.factor[lid]))
+        return out
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        lid = layer.layer_id
+        if save_kv_cache:
+            self.kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+        bsz = forward_batch.batch_size
+        k_buf, v_buf = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
+        q = q.reshape(bsz, self.num_q_heads, self.head_dim)
+        out = torch.empty_like(q)
+        sparse = self.pool.is_sparse(lid)
+        if sparse:
+            encode_slots(k_buf, self.planner.encode_slots[: bsz * self.config.encode_chunk],
+                         self.pool.rot[lid], self.pool.center[lid], self.pool.codes[lid], self.pool.factor[lid])
+        any_sparse = self.last_sparse_layer
+        codes = self.pool.codes[lid if sparse else any_sparse] if any_sparse >= 0 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+        factor = self.pool.factor[lid if sparse else any_sparse] if any_sparse >= 0 else torch.zeros(1, 1, device=q.device)
+        rot = self.pool.rot[lid if sparse else any_sparse] if any_sparse >= 0 else None
+        rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
+                            sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
+                            rounding=self.config.rounding)
+        if lid == self.last_sparse_layer:
+            # budget of this layer as the step's sample (device-side, graph-safe)
+            self.stats.add("attended_tokens", self.ws.kept_tokens(bsz).sum())
+            self.stats.add("context_tokens", forward_batch.seq_lens[:bsz].sum() * self.num_kv_heads)
+            self.stats.add("decode_steps", 1)
+        return out.view(bsz, self.num_q_heads * self.head_dim)

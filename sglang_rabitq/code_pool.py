@@ -1,0 +1,69 @@
+"""Side buffers beside SGLang's KV pool: RaBitQ codes per KV-pool slot, their validity, and how far
+each request's codes reach.
+
+Codes are indexed by slot, like K and V, so a prefix that the radix tree shares across requests
+and turns shares its codes too. A slot's code is valid once its key has been encoded for every
+sparse layer; a slot handed to a new token is marked invalid until it is encoded again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_rabitq.config import RaBitQConfig
+from sglang_rabitq.reference.codes import random_rotation
+
+
+def code_bytes_per_token(num_sparse_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes the index adds per KV-pool slot: D/8 code bytes + a float32 factor per (layer, kv-head),
+    plus one validity byte."""
+    return num_sparse_layers * num_kv_heads * (head_dim // 8 + 4) + 1
+
+
+class CodePool:
+    def __init__(
+        self,
+        config: RaBitQConfig,
+        num_slots: int,
+        num_req_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device,
+        kv_head_offset: int = 0,
+    ):
+        """``num_slots`` = KV-pool slots (size + page); ``num_req_slots`` = req_to_token rows.
+
+        ``kv_head_offset`` = this tensor-parallel rank's first global kv-head: rotations are drawn
+        per global (layer, kv-head), so a model's codes do not depend on the TP degree.
+        """
+        self.config = config
+        self.num_layers = num_layers
+        self.sparse_layers = list(range(min(config.dense_layers, num_layers), num_layers))
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        words = head_dim // 32
+        self.codes = {}
+        self.factor = {}
+        self.rot = {}
+        for layer in self.sparse_layers:
+            self.codes[layer] = torch.zeros(num_slots, num_kv_heads, words, dtype=torch.int32, device=device)
+            self.factor[layer] = torch.zeros(num_slots, num_kv_heads, dtype=torch.float32, device=device)
+            self.rot[layer] = torch.stack([
+                random_rotation(head_dim, seed=self._seed(layer, kv_head_offset + h))[0] for h in range(num_kv_heads)
+            ]).to(device)
+        self.center = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float32, device=device)
+        self.calibrated = config.center == "none"
+        # one extra entry each: padded rows of a CUDA-graph batch write there instead of a live one
+        self.valid = torch.zeros(num_slots + 1, dtype=torch.bool, device=device)
+        self.encoded_len = torch.zeros(num_req_slots + 1, dtype=torch.int32, device=device)
+        self.dump_slot, self.dump_req = num_slots, num_req_slots
+
+    def _seed(self, layer: int, kv_head: int) -> int:
+        return (self.config.seed * 1_000_003 + layer) * 4099 + kv_head
+
+    def nbytes(self) -> int:
+        tensors = [*self.codes.values(), *self.factor.values(), *self.rot.values(), self.center, self.valid, self.encoded_len]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def is_sparse(self, layer_id: int) -> bool:
+        return layer_id in self.codes

@@ -1,0 +1,185 @@
+"""The backend inside a small serving loop of SGLang's real pools, radix cache and ForwardBatch
+(dense prefill through SGLang's torch-native backend; our kernels under the Triton interpreter)."""
+
+import pytest
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from sglang_harness import Harness
+from sglang_rabitq.backend import RaBitQAttnBackend
+from sglang_rabitq.config import RaBitQConfig
+from sglang_rabitq.model_check import UnsupportedModelError
+from sglang_rabitq.reference import encode_keys, rabitq_decode, unpack_bits
+
+CFG = RaBitQConfig(top_p=0.9, sink=8, window=16, dense_layers=1, encode_chunk=8)
+
+
+def make(harness, cfg=CFG):
+    return RaBitQAttnBackend(harness.runner, cfg, TorchNativeAttnBackend(harness.runner))
+
+
+def assert_codes_match(backend, harness, slots):
+    """Codes of ``slots`` equal the reference encoding of the keys now in the KV pool."""
+    slots = torch.as_tensor(slots, dtype=torch.int64)
+    for lid in backend.pool.sparse_layers:
+        keys = harness.kv_pool.get_key_buffer(lid)[slots].float()
+        ref_codes, ref_factor = encode_keys(keys, backend.pool.rot[lid], backend.pool.center[lid])
+        got = backend.pool.codes[lid][slots]
+        diff = (unpack_bits(got) != unpack_bits(ref_codes)).float().mean()
+        assert diff < 1e-3, f"layer {lid}: {diff:.4f} of bits differ"
+        assert torch.allclose(backend.pool.factor[lid][slots], ref_factor, rtol=1e-4)
+
+
+def prefill(h, backend, tokens):
+    row, n_pre, new = h.new_request(tokens)
+    h.run(backend, h.extend_batch([row], [n_pre], [len(tokens)], new), len(tokens) - n_pre)
+    return row, n_pre
+
+
+def decode(h, backend, row, length):
+    slot = h.append_token(row, length)
+    return h.run(backend, h.decode_batch([row], [length + 1], slot), 1)
+
+
+def test_prefill_encodes_every_new_key_and_dense_layers_keep_no_codes():
+    h = Harness()
+    b = make(h)
+    row, _ = prefill(h, b, list(range(200)))
+    slots = h.req_pool.req_to_token[row, :200].long()
+    assert_codes_match(b, h, slots)
+    assert b.pool.valid[slots].all() and int(b.pool.encoded_len[row]) == 200
+    assert b.pool.sparse_layers == [1, 2] and 0 not in b.pool.codes
+    snap = b.stats.snapshot()
+    assert snap["codes_encoded"] == 200 and snap["codes_reused"] == 0
+
+
+def test_decode_matches_reference_and_encodes_lazily_in_chunks():
+    h = Harness()
+    b = make(h)
+    row, _ = prefill(h, b, list(range(300)))
+    length = 300
+    for step in range(40):
+        enc_before = int(b.pool.encoded_len[row])
+        outs = decode(h, b, row, length)
+        length += 1
+        enc_after = int(b.pool.encoded_len[row])
+        # lazy refresh: whole chunks, only once they are older than the window
+        assert enc_after - enc_before in (0, CFG.encode_chunk)
+        assert 0 <= length - enc_after < CFG.window + CFG.encode_chunk  # the unencoded tail stays bounded
+        if step in (0, 39):  # compare a sparse layer's output with the reference on the live pool
+            lid = 2
+            q, out = outs[lid]
+            ref, attended = rabitq_decode(
+                q.view(1, 4, 64).float(), h.kv_pool.get_key_buffer(lid), h.kv_pool.get_value_buffer(lid),
+                b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
+                torch.tensor([row]), torch.tensor([length]), torch.tensor([enc_before]),
+                top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
+            )
+            assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
+            assert max(len(a) for a in attended[0]) < length  # sparse
+    encoded = h.req_pool.req_to_token[row, : int(b.pool.encoded_len[row])].long()
+    assert_codes_match(b, h, encoded)
+    tail = h.req_pool.req_to_token[row, int(b.pool.encoded_len[row]) : length].long()
+    assert not b.pool.valid[tail].any()  # the unencoded tail is marked so
+
+
+def test_radix_prefix_hit_reuses_codes_and_encodes_only_the_stale_tail():
+    h = Harness()
+    b = make(h)
+    tokens_a = list(range(1000, 1300))
+    row, _ = prefill(h, b, tokens_a)
+    length = 300
+    for _ in range(20):  # 20 decoded tokens; some stay unencoded in the window
+        decode(h, b, row, length)
+        tokens_a.append(5000 + length)
+        length += 1
+    enc_a = int(b.pool.encoded_len[row])
+    assert enc_a < len(tokens_a)
+    h.finish(row, tokens_a)
+    before = b.stats.snapshot()
+    # turn 2: the whole conversation so far plus a new user message
+    tokens_b = tokens_a + list(range(9000, 9040))
+    row_b, n_pre = prefill(h, b, tokens_b)
+    assert n_pre == len(tokens_a)  # the radix tree served the whole first turn
+    after = b.stats.snapshot()
+    assert after["codes_reused"] - before["codes_reused"] == enc_a
+    assert after["codes_encoded"] - before["codes_encoded"] == (len(tokens_a) - enc_a) + 40
+    slots_b = h.req_pool.req_to_token[row_b, : len(tokens_b)].long()
+    assert b.pool.valid[slots_b].all()
+    assert_codes_match(b, h, slots_b)
+
+
+def test_chunked_prefill_then_decode():
+    h = Harness()
+    b = make(h)
+    tokens = list(range(400))
+    row, n_pre, new = h.new_request(tokens)
+    # two chunks, as --chunked-prefill-size would run them
+    h.run(b, h.extend_batch([row], [0], [250], new[:250]), 250)
+    assert int(b.pool.encoded_len[row]) == 250
+    h.run(b, h.extend_batch([row], [250], [400], new[250:]), 150)
+    assert int(b.pool.encoded_len[row]) == 400 and b.stats.snapshot()["codes_reused"] == 250
+    assert_codes_match(b, h, h.req_pool.req_to_token[row, :400].long())
+    decode(h, b, row, 400)
+
+
+def test_freed_and_reused_slot_is_never_read_with_a_stale_code():
+    h = Harness(slots=700)
+    b = make(h)
+    tokens = list(range(600))
+    row, _ = prefill(h, b, tokens)
+    h.finish(row, tokens)
+    h.radix.evict(EvictParams(num_tokens=600))  # every slot back to the allocator, codes still "valid"
+    assert b.pool.valid[1:601].all()
+    row2, n_pre = prefill(h, b, list(range(7000, 7100)))  # reuses freed slots: re-encoded at extend
+    assert n_pre == 0
+    assert_codes_match(b, h, h.req_pool.req_to_token[row2, :100].long())
+    length = 100
+    for _ in range(3):
+        decode(h, b, row2, length)
+        slot = int(h.req_pool.req_to_token[row2, length])
+        length += 1
+        # the decoded token took a freed slot whose old code must not count as valid
+        assert not bool(b.pool.valid[slot])
+        assert int(b.pool.encoded_len[row2]) <= length - 1
+
+
+def test_top_p_one_decodes_like_dense_attention():
+    h = Harness()
+    b = make(h, RaBitQConfig(top_p=1.0, sink=8, window=8, dense_layers=1, encode_chunk=8))
+    d = TorchNativeAttnBackend(h.runner)
+    row, _ = prefill(h, b, list(range(150)))
+    slot = h.append_token(row, 150)
+    fb = h.decode_batch([row], [151], slot)
+    b.init_forward_metadata(fb)
+    d.init_forward_metadata(fb)
+    q, k, v = h.rand_qkv(1)
+    layer = h.layers[2]
+    ours = b.forward(q, k, v, layer, fb)
+    dense = d.forward(q, k, v, layer, fb, save_kv_cache=False)
+    assert torch.allclose(ours.float(), dense.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(use_mla_backend=True), "MLA"),
+        (dict(sliding_window_size=4096), "sliding-window"),
+        (dict(page_size=16), "page size"),
+        (dict(server_args=type("A", (), {"speculative_algorithm": "EAGLE"})()), "speculative"),
+    ],
+)
+def test_unsupported_deployments_fail_at_startup_naming_the_reason(change, reason):
+    h = Harness()
+    for key, value in change.items():
+        setattr(h.runner, key, value)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        make(h)
+
+
+def test_head_dim_must_be_multiple_of_32():
+    h = Harness()
+    h.shape.head_dim = 80
+    with pytest.raises(UnsupportedModelError, match="multiple of 32"):
+        make(h)
