@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from sglang_rabitq.config import CENTER_MODES, ROUNDING_MODES, RaBitQConfig
 
+logger = logging.getLogger("sglang_rabitq")
 ENV = "SGLANG_RABITQ_CONFIG"
 PREFILL_CHOICES = ("flashinfer", "triton", "torch_native")
 _DEFAULTS = RaBitQConfig()
@@ -39,10 +41,14 @@ def _after_add_cli_args(result, parser):
 
 
 def _around_from_cli_args(original, cls, args):
+    uses_rabitq = "rabitq" in {getattr(args, a, None) for a in
+                               ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
+    if uses_rabitq and not getattr(args, "disable_prefill_cuda_graph", True):
+        # extend batches encode a data-dependent set of slots, planned on the host: not capturable
+        logger.info("rabitq: prefill CUDA graphs off (decode CUDA graphs stay on)")
+        args.disable_prefill_cuda_graph = True
     server_args = original(cls, args)
-    if getattr(server_args, "attention_backend", None) == "rabitq" or any(
-        getattr(server_args, a, None) == "rabitq" for a in ("prefill_attention_backend", "decode_attention_backend")
-    ):
+    if uses_rabitq:
         fields = {f.name: getattr(args, f"rabitq_{f.name}") for f in dataclasses.fields(RaBitQConfig) if hasattr(args, f"rabitq_{f.name}")}
         config = RaBitQConfig(**fields)  # raises a ValueError naming the bad flag before startup
         payload = {"config": dataclasses.asdict(config), "prefill": args.rabitq_prefill_backend}

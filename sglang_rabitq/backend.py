@@ -26,7 +26,14 @@ logger = logging.getLogger("sglang_rabitq")
 
 
 def _tp_rank_and_size(model_runner) -> tuple[int, int]:
-    return int(getattr(model_runner, "tp_rank", 0) or 0), int(getattr(model_runner, "tp_size", 1) or 1)
+    """This process's attention tensor-parallel rank and size (the KV pool holds its kv-heads only)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        par = get_parallel()
+        return int(par.attn_tp_rank), int(par.attn_tp_size)
+    except AssertionError:  # no process group: a single process (tests build runners by hand)
+        return int(getattr(model_runner, "tp_rank", 0)), int(getattr(model_runner, "tp_size", 1))
 
 
 class RaBitQAttnBackend(AttentionBackend):
@@ -82,6 +89,8 @@ class RaBitQAttnBackend(AttentionBackend):
 
     def _plan_decode(self, forward_batch, mutate: bool):
         bsz = forward_batch.batch_size
+        if bsz == 0:  # an idle batch (data-parallel attention): nothing to plan
+            return
         encoded = self.planner.plan(self.req_to_token, forward_batch.req_pool_indices[:bsz],
                                     forward_batch.seq_lens[:bsz], mutate=mutate)
         if mutate:

@@ -1,0 +1,81 @@
+"""The SGLang plugin on the real ServerArgs / parser (in fresh processes: plugins patch SGLang
+globally, and the validated config travels through the environment)."""
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sglang_rabitq.code_pool import code_bytes_per_token
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+    "head_dim": 32,
+}
+
+
+def run_py(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600)
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("rabitq") == "sglang_rabitq.patches:load"
+
+
+def test_flags_reach_server_args_and_are_validated(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    r = run_py(f"""
+        import json, os
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import prepare_server_args
+        base = ['--model-path', {str(tmp_path)!r}, '--attention-backend', 'rabitq', '--skip-tokenizer-init', '--device', 'cpu']
+        a = prepare_server_args(base + ['--rabitq-top-p', '0.8', '--rabitq-window', '32'])
+        print('CONFIG', os.environ['SGLANG_RABITQ_CONFIG'])
+        print('PREFILL_GRAPH_OFF', a.disable_prefill_cuda_graph)
+        try:
+            prepare_server_args(base + ['--rabitq-sink', '-3'])
+        except ValueError as e:
+            print('REJECTED', e)
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads(r.stdout.split("CONFIG ", 1)[1].splitlines()[0])
+    assert config["config"]["top_p"] == 0.8 and config["config"]["window"] == 32
+    assert config["prefill"] == "flashinfer"
+    assert "PREFILL_GRAPH_OFF True" in r.stdout
+    assert "REJECTED sink must be a non-negative integer" in r.stdout
+
+
+def test_help_lists_backend_and_flags():
+    r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rabitq}" in r.stdout  # a choice of --attention-backend
+    for flag in ("--rabitq-top-p", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
+                 "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-rounding", "--rabitq-prefill-backend"):
+        assert flag in r.stdout
+
+
+def test_other_sglang_versions_are_refused(monkeypatch):
+    import sglang
+
+    from sglang_rabitq.patches import version
+
+    monkeypatch.setattr(sglang, "__version__", "0.4.0")
+    with pytest.raises(RuntimeError, match="supports sglang==0.5.17"):
+        version.check_sglang_version()
+
+
+def test_memory_hook_targets_exist_and_cost_is_counted():
+    # the hooked SGLang method must exist in this release
+    module = importlib.import_module("sglang.srt.model_executor.pool_configurator")
+    assert callable(module.DefaultPoolConfigurator._compute_cell_size)
+    # Qwen2.5-0.5B: 24 layers, 2 dense, 2 kv-heads, head_dim 64: (8 + 4) bytes per (layer, head) + 1
+    assert code_bytes_per_token(22, 2, 64) == 22 * 2 * 12 + 1
