@@ -14,7 +14,7 @@ import triton.language as tl
 from sglang_rabitq.kernels.estimate import block_logits, chunk_bounds, load_group_query
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
-NO_BIN = -(2**30)  # top bin of a chunk with no tokens yet
+NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens yet
 
 
 @triton.jit

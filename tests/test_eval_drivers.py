@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class Fake:
     lock = threading.Lock()
     counters = {"prompt": 0.0, "cached": 0.0, "attended": 0.0, "context": 0.0, "reused": 0.0, "encoded": 0.0}
+    # like sglang_rabitq.stats: rabitq counters reach /metrics only at a batch >= LOG_EVERY_S after the last export
+    exported = dict(counters)
+    last_export = 0.0
+    every_s = float(os.environ.get("SGLANG_RABITQ_LOG_EVERY_S", "10"))
     prompts: list[str] = []
     backend = "flashinfer"
     top_p = None
@@ -67,8 +71,14 @@ def account(prompt: str, n_out: int) -> tuple[int, int]:
     return pt, ct
 
 
+def batch_done() -> None:
+    with Fake.lock:
+        if time.monotonic() - Fake.last_export >= Fake.every_s:
+            Fake.exported, Fake.last_export = dict(Fake.counters), time.monotonic()
+
+
 def metrics_text() -> str:
-    c = Fake.counters
+    c = {**Fake.exported, "prompt": Fake.counters["prompt"], "cached": Fake.counters["cached"]}
     lines = ["# HELP sglang:prompt_tokens_total x", "# TYPE sglang:prompt_tokens_total counter",
              f'sglang:prompt_tokens_total{{model_name="fake",is_streaming="true"}} {c["prompt"]}',
              f'sglang:cached_tokens_total{{model_name="fake",cache_source="device"}} {c["cached"]}']
@@ -109,6 +119,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path.startswith("/health"):
+            batch_done()
             self._send(200, "")
         elif self.path.startswith("/metrics"):
             self._send(200, metrics_text(), "text/plain")
@@ -134,6 +145,7 @@ class Handler(BaseHTTPRequestHandler):
         prompt = "\n".join(m["content"] for m in body["messages"])
         words = fake_answer(prompt, body["messages"][-1]["content"]).split(" ")[: body.get("max_tokens", 16)]
         pt, ct = account(prompt, len(words))
+        batch_done()
         usage = {"prompt_tokens": pt, "completion_tokens": len(words), "total_tokens": pt + len(words),
                  "prompt_tokens_details": {"cached_tokens": ct} if ct else None}
         base = {"id": "x", "created": 0, "model": "fake"}
@@ -155,6 +167,7 @@ class Handler(BaseHTTPRequestHandler):
         ids = body["input_ids"]
         n = body["sampling_params"]["max_new_tokens"]
         account(" ".join(map(str, ids[:64])) + str(len(ids)), n)
+        batch_done()
         self._sse_start()
         time.sleep(len(ids) * 1e-6)
         for i in range(1, n + 1):
@@ -182,11 +195,16 @@ if __name__ != "__main__":
 
     sys.path.insert(0, str(ROOT))
     from eval import accuracy, bench_decode, prefix_sharing, summary  # noqa: E402
+    from eval import server as eval_server  # noqa: E402
     from eval.server import Server  # noqa: E402
 
     @pytest.fixture
     def fake(monkeypatch, tmp_path):
         monkeypatch.setenv("EVAL_SGLANG_LAUNCHER", str(Path(__file__).resolve()))
+        # rabitq servers get SGLANG_RABITQ_LOG_EVERY_S from server_for (the fake's default is 10 s, as the
+        # backend's); 0.2 s here, and the drivers wait --metrics-settle 0.3
+        monkeypatch.delenv("SGLANG_RABITQ_LOG_EVERY_S", raising=False)
+        monkeypatch.setattr(eval_server, "METRICS_EVERY_S", 0.2)
         model = tmp_path / "model"
         model.mkdir()
         (model / "config.json").write_text(json.dumps({"max_position_embeddings": 8192, "vocab_size": 1000}))
@@ -221,7 +239,7 @@ if __name__ != "__main__":
         out = tmp_path / "accuracy.json"
         res = accuracy.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "1024",
                              "--samples", "2", "--top-p", "0.8,0.95", "--tasks", "niah_single,niah_multivalue,qa",
-                             "--metrics-settle", "0"])
+                             "--metrics-settle", "0.3"])
         data = json.loads(out.read_text())
         assert data["command"] and data["sglang"] is not None and data["gpu"]
         rows = {(r["task"], r["backend"], r["top_p"]): r for r in data["rows"]}
@@ -236,7 +254,7 @@ if __name__ != "__main__":
         out = tmp_path / "prefix_sharing.json"
         res = prefix_sharing.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--docs", "2",
                                    "--doc-tokens", "1500", "--users", "6", "--concurrency", "1,3", "--chats", "2",
-                                   "--turns", "3", "--metrics-settle", "0"])
+                                   "--turns", "3", "--metrics-settle", "0.3"])
         data = json.loads(out.read_text())
         dense, ours = data["runs"]["dense"], data["runs"]["rabitq"]
         assert dense["levels"][0]["correct"] == dense["chats"]["correct"] == 100.0
@@ -250,18 +268,37 @@ if __name__ != "__main__":
     def test_bench_decode_driver_and_summary(fake, tmp_path):
         out = tmp_path / "speed.json"
         bench_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "2048,4096",
-                           "--batches", "1,4", "--gen", "12", "--prefill-reps", "1"])
+                           "--batches", "1,4", "--gen", "12", "--prefill-reps", "1", "--repeats", "1",
+                           "--metrics-settle", "0.3"])
         data = json.loads(out.read_text())
         assert {(r["context"], r["batch"]) for r in data["rows"]} == {(c, b) for c in (1024, 2048, 4096) for b in (1, 4)}
         assert all(r["speedup"] > 0 and r["amdahl_limit"] is not None for r in data["rows"])
+        assert all(r["budget"] == pytest.approx(0.2) for r in data["rows"])  # fake: 2 (1 - p), p = 0.9
         s = summary.main(["--accuracy", str(tmp_path / "none.json"), "--speed", str(out),
                           "--prefix", str(tmp_path / "none.json"), "--out-dir", str(tmp_path)])
         assert len(s["speed"]) == 6 and s["accuracy"] == []
 
+    def test_quick_keeps_explicit_values():
+        import argparse
+
+        from eval.server import apply_quick
+
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--samples", type=int, default=10)
+        ap.add_argument("--contexts", default="4096,8192")
+        args = ap.parse_args(["--quick", "--contexts", "2048"])
+        apply_quick(ap, args, {"samples": 3, "contexts": "4096"})
+        assert (args.samples, args.contexts) == (3, "2048")
+        args = ap.parse_args(["--samples", "5"])
+        apply_quick(ap, args, {"samples": 3})
+        assert args.samples == 5
+
     def test_bench_decode_skips_points_beyond_the_kv_pool(fake, tmp_path):
         out = tmp_path / "speed.json"
         bench_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "16384",
-                           "--batches", "4", "--gen", "4", "--prefill-reps", "1", "--backends", "dense"])
+                           "--batches", "4", "--gen", "4", "--prefill-reps", "1", "--repeats", "1", "--backends", "dense",
+                           "--metrics-settle", "0.3"])
         data = json.loads(out.read_text())
         assert data["runs"]["dense"]["skipped"][0]["context"] == 16384  # 4 x 16K > 50K fake pool
         assert data["rows"] == []

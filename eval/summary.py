@@ -1,0 +1,213 @@
+"""Merge accuracy.json, speed.json and prefix_sharing.json into summary.json, summary.md and two PNG plots.
+
+    python eval/summary.py                                   # reads eval/results/*.json
+    python eval/summary.py --speed eval/results/speed.json eval/results/speed_8b.json --out-dir eval/results
+
+Missing inputs give empty sections. Plots need matplotlib (optional; skipped when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.server import RESULTS, write_json  # noqa: E402
+
+PREFIX_KEYS = ("agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms")
+
+
+def _f(x):
+    return None if x is None else float(x)
+
+
+def _i(x):
+    return None if x is None else int(round(x))
+
+
+def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) -> dict:
+    """The summary schema from loaded result files (each a dict as written by the drivers)."""
+    first = next((d for d in [*accuracy, prefix or {}, *speed] if d and d.get("gpu")), {})
+    acc = [{"task": str(r["task"]), "context": int(r["context"]), "backend": r["backend"],
+            "top_p": _f(r.get("top_p")) if r["backend"] == "rabitq" else None,
+            "score": float(r["score"]), "budget": _f(r.get("budget"))}
+           for d in accuracy for r in d.get("rows", [])]
+    spd = [{"model": str(r["model"]), "context": int(r["context"]), "batch": int(r["batch"]),
+            "dense_tok_s": float(r["dense_tok_s"]), "rabitq_tok_s": float(r["rabitq_tok_s"]),
+            "speedup": float(r["speedup"]), "budget": _f(r.get("budget"))}
+           for d in speed for r in d.get("rows", [])]
+    ps = (prefix or {}).get("summary") or {}
+    return {
+        "gpu": str(first.get("gpu", "unknown")), "sglang": str(first.get("sglang", "unknown")),
+        "model": str(first.get("model", "unknown")), "date": str(first.get("date", "unknown")),
+        "accuracy": acc, "speed": spd,
+        "prefix_sharing": {"agreement": _f(ps.get("agreement")), "codes_reused": _i(ps.get("codes_reused")),
+                           "codes_encoded": _i(ps.get("codes_encoded")),
+                           "dense_tpot_ms": _f(ps.get("dense_tpot_ms")), "rabitq_tpot_ms": _f(ps.get("rabitq_tpot_ms"))},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def accuracy_table(acc: list[dict]) -> list[str]:
+    if not acc:
+        return ["(no accuracy results)"]
+    cols = sorted({(r["backend"], r["top_p"]) for r in acc}, key=lambda c: (c[0] != "dense", c[1] or 0))
+    names = ["dense" if b == "dense" else f"rabitq p={p}" for b, p in cols]
+    lines = ["| task | context | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]
+    keys = sorted({(r["task"], r["context"]) for r in acc}, key=lambda k: (k[1], k[0]))
+    contexts = sorted({k[1] for k in keys})
+    for ctx in contexts:
+        for task in [t for t, c in keys if c == ctx] + ["**average**"]:
+            cells = []
+            for b, p in cols:
+                rs = [r for r in acc if r["context"] == ctx and r["backend"] == b and r["top_p"] == p
+                      and (task == "**average**" or r["task"] == task)]
+                if not rs:
+                    cells.append("-")
+                    continue
+                s = sum(r["score"] for r in rs) / len(rs)
+                bud = [r["budget"] for r in rs if r["budget"] is not None]
+                cells.append(f"{s:.1f}" + (f" ({100 * sum(bud) / len(bud):.0f}%)" if bud else ""))
+            lines.append(f"| {task} | {ctx} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens).")
+    return lines
+
+
+def speed_table(spd: list[dict], raw: dict) -> list[str]:
+    if not spd:
+        return ["(no speed results)"]
+    lines = ["| model | context | batch | dense tok/s | rabitq tok/s | speedup | Amdahl limit | budget | encode ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in spd:
+        x = raw.get((r["model"], r["context"], r["batch"]), {})
+        lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['dense_tok_s']:.0f} | "
+                     f"{r['rabitq_tok_s']:.0f} | {r['speedup']:.2f} | {_fmt(x.get('amdahl_limit'))} | "
+                     f"{_fmt(r['budget'], '{:.1%}')} | {_fmt(x.get('encode_overhead_ms'), '{:.1f}')} |")
+    lines.append("")
+    lines.append("Amdahl limit = dense TPOT at this context / dense TPOT at the reference context (1K), same batch.")
+    return lines
+
+
+def prefix_table(ps: dict, table: list) -> list[str]:
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(ps[k], '{}')} |" for k in PREFIX_KEYS]
+    if table:
+        lines += ["", "| metric | dense | rabitq |", "|---|---|---|"]
+        for name, a, b in table:
+            fa, fb = (_fmt(v, "{:.3f}" if isinstance(v, float) else "{}") for v in (a, b))
+            lines.append(f"| {name} | {fa} | {fb} |")
+    return lines
+
+
+def to_markdown(summary: dict, raw_speed: dict, prefix_rows: list) -> str:
+    head = ["# RaBitQCache end-to-end results", "",
+            f"GPU: {summary['gpu']} · SGLang {summary['sglang']} · model {summary['model']} · {summary['date']}", ""]
+    return "\n".join(head + ["## Accuracy (RULER-style tasks)", ""] + accuracy_table(summary["accuracy"])
+                     + ["", "![accuracy vs budget](accuracy_vs_budget.png)", "", "## Decode speed", ""]
+                     + speed_table(summary["speed"], raw_speed)
+                     + ["", "![speedup vs context](speedup_vs_context.png)", "", "## Prefix sharing", ""]
+                     + prefix_table(summary["prefix_sharing"], prefix_rows)) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def plot(summary: dict, raw_speed: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[summary] matplotlib not installed: no plots", flush=True)
+        return []
+    written = []
+    acc = summary["accuracy"]
+    if acc:
+        contexts = sorted({r["context"] for r in acc})
+        fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+        for ax, ctx in zip(axes[0], contexts):
+            for task in sorted({r["task"] for r in acc}) + ["average"]:
+                rs = [r for r in acc if r["context"] == ctx and (task == "average" or r["task"] == task)]
+                pts = {}
+                for r in rs:
+                    x = 1.0 if r["backend"] == "dense" else r["budget"]
+                    if x is not None:
+                        pts.setdefault((r["backend"], r["top_p"]), []).append((x, r["score"]))
+                xy = sorted((sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for v in pts.values())
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", lw=2.5 if task == "average" else 1,
+                            color="black" if task == "average" else None, label=task)
+            ax.set_title(f"context {ctx}")
+            ax.set_xlabel("budget (attended / context; dense = 1)")
+            ax.set_ylabel("score")
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "accuracy_vs_budget.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    spd = summary["speed"]
+    if spd:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, batch in sorted({(r["model"], r["batch"]) for r in spd}):
+            rs = sorted((r for r in spd if (r["model"], r["batch"]) == (model, batch)), key=lambda r: r["context"])
+            line = ax.plot([r["context"] for r in rs], [r["speedup"] for r in rs], marker="o",
+                           label=f"{model} b={batch}")[0]
+            lim = [(r["context"], raw_speed.get((model, r["context"], batch), {}).get("amdahl_limit")) for r in rs]
+            lim = [(c, v) for c, v in lim if v is not None]
+            if lim:
+                ax.plot(*zip(*lim), ls="--", color=line.get_color(), alpha=0.6)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("decode speedup rabitq / dense (dashed: Amdahl limit)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out_dir / "speedup_vs_context.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def _load(path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--accuracy", nargs="*", default=[str(RESULTS / "accuracy.json")])
+    ap.add_argument("--speed", nargs="*", default=[str(RESULTS / "speed.json")])
+    ap.add_argument("--prefix", default=str(RESULTS / "prefix_sharing.json"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    accuracy = [d for d in map(_load, args.accuracy) if d]
+    speed = [d for d in map(_load, args.speed) if d]
+    prefix = _load(args.prefix)
+    summary = build_summary(accuracy, speed, prefix)
+    raw_speed = {(r["model"], r["context"], r["batch"]): r for d in speed for r in d.get("rows", [])}
+    out = Path(args.out_dir)
+    write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or []))
+    print(f"[eval] wrote {out / 'summary.md'}")
+    for p in plot(summary, raw_speed, out):
+        print(f"[eval] wrote {p}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
