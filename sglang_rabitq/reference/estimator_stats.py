@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sglang_rabitq.reference.codes import encode_keys, estimate_float, estimate_int, quantize_query, random_rotation
+from sglang_rabitq.reference.codes import encode_keys, quantize_query, random_rotation, unpack_bits
 
 ALPHA = math.sqrt(2 / math.pi)  # E <o_bar, o> for a random unit o
 
@@ -28,22 +28,21 @@ def pair_with_cosine(dim: int, cosine: float, gen: torch.Generator) -> tuple[tor
 
 
 def estimator_errors(dim: int, cosine: float, rounding: str, trials: int, seed: int = 0) -> torch.Tensor:
-    """Errors in cosine units over ``trials`` random rotations. ``rounding="none"`` skips INT4."""
+    """Errors in cosine units over ``trials`` random rotations. ``rounding="none"`` skips INT4.
+
+    Each trial is one rotation, treated as one "head" so all trials run as one batch.
+    """
     gen = torch.Generator().manual_seed(seed)
     q, k = pair_with_cosine(dim, cosine, gen)
     rots = random_rotation(dim, seed=seed + 1, num_heads=trials)  # [T, D, D]
     codes, factor = encode_keys(k.expand(1, trials, dim).to(torch.float32), rots)
-    truth = float(q @ k)
-    errs = torch.empty(trials, dtype=torch.float64)
-    qb = q.to(torch.float32).expand(1, trials, dim)
+    signs = unpack_bits(codes[0]).to(torch.float64) * 2 - 1  # [T, D]
     if rounding == "none":
-        rq = torch.einsum("d,tde->te", q, rots.to(torch.float64))
-        for t in range(trials):
-            errs[t] = estimate_float(codes[0, t : t + 1], factor[0, t : t + 1], rq[t])[0] - truth
+        q_bar = torch.einsum("d,tde->te", q, rots.to(torch.float64))
     else:
+        qb = q.to(torch.float32).expand(1, trials, dim).contiguous()
         noise = torch.rand(qb.shape, generator=gen) if rounding == "random" else None
-        q_u, delta, qmin = quantize_query(qb.contiguous(), rots, rounding=rounding, noise=noise)
-        for t in range(trials):
-            est = estimate_int(codes[0, t : t + 1], factor[0, t : t + 1], q_u[0, t], delta[0, t], qmin[0, t])
-            errs[t] = est[0] - truth
-    return errs / (q.norm() * k.norm())
+        q_u, delta, qmin = quantize_query(qb, rots, rounding=rounding, noise=noise)
+        q_bar = delta[0, :, None].double() * q_u[0].double() + qmin[0, :, None].double()
+    est = factor[0].double() * (signs * q_bar).sum(-1)
+    return (est - float(q @ k)) / (q.norm() * k.norm())
