@@ -73,12 +73,13 @@ def main():
     args = ap.parse_args()
     logs = Path(args.out).parent / "logs"
     env = {"SGLANG_RABITQ_LOG_EVERY_S": "0"}  # export counters after every batch
+    # ports 10 apart: SGLang also binds a few ports right above the one it serves on
     common = dict(mem_fraction_static=args.mem_fraction_static, log_path=None, env=env)
     servers = {
-        "dense": Server(args.model, "flashinfer", args.port, **{**common, "log_path": logs / "smoke-dense.log"}),
-        "p1": Server(args.model, "rabitq", args.port + 1, ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
-        "sparse": Server(args.model, "rabitq", args.port + 2, [], **{**common, "log_path": logs / "smoke-sparse.log"}),
-        "nograph": Server(args.model, "rabitq", args.port + 3, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
+        "dense": Server(args.model, "flashinfer", args.port, ["--disable-prefill-cuda-graph"], **{**common, "log_path": logs / "smoke-dense.log"}),
+        "p1": Server(args.model, "rabitq", args.port + 10, ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
+        "sparse": Server(args.model, "rabitq", args.port + 20, [], **{**common, "log_path": logs / "smoke-sparse.log"}),
+        "nograph": Server(args.model, "rabitq", args.port + 30, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
     }
     errors = {}
 
