@@ -29,11 +29,11 @@ def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, pea
     k = torch.randn(pool, hkv, d, generator=gen)
     v = torch.randn(pool, hkv, d, generator=gen)
     q = torch.randn(len(lens), hq, d, generator=gen)
-    if peaked:  # real attention is peaked: give every query a few strongly aligned keys
-        idx = torch.randint(1, pool, (len(lens), 8), generator=gen)
+    if peaked:  # real attention is peaked: give every query head a few strongly aligned keys
         for b in range(len(lens)):
-            for h in range(hkv):
-                k[idx[b], h] += q[b, h * (hq // hkv)] * 0.5
+            for qh in range(hq):
+                idx = torch.randint(1, pool, (4,), generator=gen)
+                k[idx, qh // (hq // hkv)] += q[b, qh]
     k, v, q = k.to(dtype), v.to(dtype), q.to(dtype)
     req_to_token = torch.zeros(len(lens) + 3, max(lens) + 8, dtype=torch.int32)
     perm = torch.randperm(pool - 1, generator=gen) + 1  # slot 0 is SGLang's padding slot
