@@ -84,18 +84,24 @@ class DecodeWorkspace:
 def rabitq_decode_layer(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
-    *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest",
+    *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest", score_temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``."""
+    """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``.
+
+    Selection ranks tokens by the estimated logits times ``score_temperature`` (< 1 flattens the
+    estimated softmax, which the estimator's noise makes look sharper than the true one); the
+    attention itself uses ``sm_scale``.
+    """
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
     qu, qscal, thr = ws.qu[:bsz], ws.qscal[:bsz], ws.thr[:bsz]
+    score_scale = sm_scale * score_temperature
     if not dense:
         prepare_query(q, rot, qu, qscal, ws.seed, rounding)
-        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, sm_scale, k_buf.shape[1], nc, BLOCK_N)
+        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, score_scale, k_buf.shape[1], nc, BLOCK_N)
         top_p_threshold(ws.stats, thr, top_p, nc)
     sparse_attention(q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
-                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
+                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N, score_scale)
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)
     return out

@@ -25,7 +25,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, qu_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, thr_ptr,
     po_ptr, plse_ptr, count_ptr,
-    sm_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    sm_scale, score_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_cn, stride_ch, stride_fn, stride_r2t, HQ, HKV, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, PLAN_FIELDS: tl.constexpr, DOT_F32: tl.constexpr,
@@ -68,7 +68,7 @@ def _sparse_attention_kernel(
         if not DENSE:
             if is_chunk:
                 lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                                  qu_t, delta, qmin, qsum, sm_scale, D, BLOCK_N)
+                                  qu_t, delta, qmin, qsum, score_scale, D, BLOCK_N)
                 over = (lg >= thr[None, :]) & gmask[None, :]
                 keep = valid & (tl.max(over.to(tl.int32), axis=1) > 0)
         n_kept += tl.sum(keep.to(tl.int32), axis=0)
@@ -123,7 +123,7 @@ def sparse_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, qu: torch.Tensor, qscal: torch.Tensor,
     codes: torch.Tensor, factor: torch.Tensor, req_to_token: torch.Tensor, plan: torch.Tensor,
     thr: torch.Tensor, partial_out: torch.Tensor, partial_lse: torch.Tensor, kept: torch.Tensor,
-    sm_scale: float, num_chunks: int, dense: bool, block_n: int = 64,
+    sm_scale: float, num_chunks: int, dense: bool, block_n: int = 64, score_scale: float | None = None,
 ) -> None:
     """Partial outputs ``[B * Hq * (NC + 1), D]`` and their log-sum-exp for ``merge_partials``."""
     bsz, hq, d = q.shape
@@ -132,7 +132,7 @@ def sparse_attention(
     _sparse_attention_kernel[(bsz, hkv, num_chunks + 1)](
         q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
         partial_out, partial_lse, kept,
-        sm_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        sm_scale, sm_scale if score_scale is None else score_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, hkv, num_chunks,
         GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED,

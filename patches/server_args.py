@@ -20,6 +20,9 @@ def add_rabitq_args(parser) -> None:
     g = parser.add_argument_group("RaBitQ sparse decode (--attention-backend rabitq)")
     g.add_argument("--rabitq-top-p", type=float, default=_DEFAULTS.top_p,
                    help="estimated attention mass each query head keeps, in (0, 1]; 1 attends every token")
+    g.add_argument("--rabitq-score-temperature", type=float, default=_DEFAULTS.score_temperature,
+                   help="estimated logits are multiplied by this before top-p; < 1 undoes the sharpening that "
+                        "estimation noise causes (chosen from eval/results/fidelity.md)")
     g.add_argument("--rabitq-sink", type=int, default=_DEFAULTS.sink, help="first tokens always attended")
     g.add_argument("--rabitq-window", type=int, default=_DEFAULTS.window,
                    help="last tokens always attended (plus the not-yet-encoded tail)")

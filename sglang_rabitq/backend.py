@@ -138,7 +138,7 @@ class RaBitQAttnBackend(AttentionBackend):
         rot = self.pool.rot[lid if sparse else any_sparse] if any_sparse >= 0 else None
         rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                             sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
-                            rounding=self.config.rounding)
+                            rounding=self.config.rounding, score_temperature=self.config.score_temperature)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)
             self.stats.add("attended_tokens", self.ws.kept_tokens(bsz).sum())

@@ -12,7 +12,8 @@ ROUNDING_MODES = ("nearest", "random")
 
 @dataclass(frozen=True)
 class RaBitQConfig:
-    top_p: float = 0.9  # estimated attention mass each query head keeps
+    top_p: float = 0.95  # estimated attention mass each query head keeps
+    score_temperature: float = 0.6  # estimated logits x this before top-p (noise sharpens them)
     sink: int = 64  # first tokens always attended
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
     dense_layers: int = 2  # first layers attend densely
@@ -23,6 +24,8 @@ class RaBitQConfig:
 
     def __post_init__(self) -> None:
         check_top_p(self.top_p)
+        if not (0.0 < float(self.score_temperature) <= 4.0):
+            raise ValueError(f"score_temperature must be in (0, 4], got {self.score_temperature}")
         check_non_negative(
             sink=self.sink, window=self.window, dense_layers=self.dense_layers, seed=self.seed
         )

@@ -75,6 +75,7 @@ def test_decode_matches_reference_and_encodes_lazily_in_chunks():
                 b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
                 torch.tensor([row]), torch.tensor([length]), torch.tensor([enc_before]),
                 top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
+                score_temperature=CFG.score_temperature,
             )
             assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
             assert max(len(a) for a in attended[0]) < length  # sparse

@@ -140,9 +140,9 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, fresh_seed):
                 assert same_set or abs(float(got[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got[g]), float(ref_thr[g]))
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (14, 2, 64)])
+@pytest.mark.parametrize("hq,hkv,d,temperature", [(4, 2, 64, 1.0), (8, 1, 128, 0.6), (14, 2, 64, 0.6)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_layer_matches_reference(hq, hkv, d, dtype, fresh_seed):
+def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_seed):
     lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
     encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]  # request 0 has a lazy (unencoded) tail
     batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed)
@@ -151,11 +151,11 @@ def test_decode_layer_matches_reference(hq, hkv, d, dtype, fresh_seed):
     ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, sink, window, ws.num_chunks(len(lens)))
     out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=dtype)
     rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
-                        batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p)
+                        batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p, score_temperature=temperature)
     cpu = {k: v.cpu() for k, v in vars(batch).items()}
     ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
                                   cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
-                                  top_p=top_p, sink=sink, window=window, sm_scale=sm)
+                                  top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature)
     assert not out.isnan().any()
     kept = ws.kept_tokens(len(lens)).cpu()
     for b in range(len(lens)):
@@ -163,7 +163,8 @@ def test_decode_layer_matches_reference(hq, hkv, d, dtype, fresh_seed):
             n_ref = len(attended[b][h])
             assert abs(int(kept[b, h]) - n_ref) <= max(2, n_ref // 100), (b, h, int(kept[b, h]), n_ref)
     assert torch.allclose(out.float().cpu(), ref, atol=3e-2, rtol=2e-2)
-    assert kept[0].max() < lens[0]  # sparse: the long request skipped tokens
+    if temperature == 1.0:  # (a flattened estimate over 7-8 heads on this short a context keeps ~all)
+        assert kept[0].max() < lens[0]  # sparse: the long request skipped tokens
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 8, 128)])

@@ -58,7 +58,7 @@ def test_help_lists_backend_and_flags():
     r = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rabitq}" in r.stdout  # a choice of --attention-backend
-    for flag in ("--rabitq-top-p", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
+    for flag in ("--rabitq-top-p", "--rabitq-score-temperature", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
                  "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-rounding", "--rabitq-prefill-backend"):
         assert flag in r.stdout
 

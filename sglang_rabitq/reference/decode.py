@@ -49,11 +49,13 @@ def rabitq_decode(
     sm_scale: float,
     dense: bool = False,
     selector: str = "hist",
+    score_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
 
     ``selector="hist"`` mirrors the kernels; ``"exact"`` uses the minimal sort-based top-p set.
-    ``dense=True`` attends every token (the layers kept dense).
+    ``dense=True`` attends every token (the layers kept dense). Selection uses the estimated logits
+    times ``score_temperature``; attention uses ``sm_scale``.
     """
     select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
     bsz, hq, d = q.shape
@@ -77,6 +79,7 @@ def rabitq_decode(
                     [
                         estimate_int(codes[scored, h], factor[scored, h], q_u[b, qh], delta[b, qh], qmin[b, qh])
                         * sm_scale
+                        * score_temperature
                         for qh in range(h * group, (h + 1) * group)
                     ]
                 )
