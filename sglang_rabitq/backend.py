@@ -129,13 +129,10 @@ class RaBitQAttnBackend(AttentionBackend):
         q = q.reshape(bsz, self.num_q_heads, self.head_dim)
         out = torch.empty_like(q)
         sparse = self.pool.is_sparse(lid)
-        if sparse:
+        codes, factor, rot = self.pool.buffers(lid)
+        if sparse:  # lazy refresh: the chunk of window tokens the planner picked (if any)
             encode_slots(k_buf, self.planner.encode_slots[: bsz * self.config.encode_chunk],
-                         self.pool.rot[lid], self.pool.center[lid], self.pool.codes[lid], self.pool.factor[lid])
-        any_sparse = self.last_sparse_layer
-        codes = self.pool.codes[lid if sparse else any_sparse] if any_sparse >= 0 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
-        factor = self.pool.factor[lid if sparse else any_sparse] if any_sparse >= 0 else torch.zeros(1, 1, device=q.device)
-        rot = self.pool.rot[lid if sparse else any_sparse] if any_sparse >= 0 else None
+                         rot, self.pool.center[lid], codes, factor)
         rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                             sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
                             rounding=self.config.rounding, score_temperature=self.config.score_temperature)

@@ -51,6 +51,12 @@ class CodePool:
             self.rot[layer] = torch.stack([
                 random_rotation(head_dim, seed=self._seed(layer, kv_head_offset + h))[0] for h in range(num_kv_heads)
             ]).to(device)
+        # what a dense layer's launch gets in place of codes: never read (the kernels skip scoring)
+        self._placeholders = (
+            torch.zeros(1, num_kv_heads, words, dtype=torch.int32, device=device),
+            torch.zeros(1, num_kv_heads, dtype=torch.float32, device=device),
+            torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float32, device=device),
+        )
         self.center = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.float32, device=device)
         self.calibrated = config.center == "none"
         # one extra entry each: padded rows of a CUDA-graph batch write there instead of a live one
@@ -67,3 +73,9 @@ class CodePool:
 
     def is_sparse(self, layer_id: int) -> bool:
         return layer_id in self.codes
+
+    def buffers(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, factor, rotation) of a sparse layer; placeholders for a dense one."""
+        if layer_id in self.codes:
+            return self.codes[layer_id], self.factor[layer_id], self.rot[layer_id]
+        return self._placeholders

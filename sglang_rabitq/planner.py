@@ -64,6 +64,7 @@ class DecodePlanner:
         if not mutate:
             slots_out.fill_(-1)
             return torch.zeros((), dtype=torch.int64, device=rpi.device)
+        self.ws.seed += 1  # fresh noise for randomized query rounding
         real = length > 1  # CUDA-graph padding rows carry seq_len 1; a real decode row has >= 2
         cols = req_to_token.shape[1]
         # the token written this step takes a slot whose old code (if any) is stale
