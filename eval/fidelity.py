@@ -207,14 +207,15 @@ def hist_prepare(x: torch.Tensor) -> dict:
     """The p-independent part of the histogram for every row of ``x [R, N]`` (float64, ``-inf`` = not scored)."""
     finite = torch.isfinite(x)
     m = torch.where(finite.any(-1), x.amax(-1), 0.0)
-    weights = torch.exp(x - m[:, None])  # 0 where not scored
     top = torch.floor(m / BIN_WIDTH).to(torch.int64)
     k = top[:, None] - torch.floor(torch.where(finite, x, m[:, None]) / BIN_WIDTH).to(torch.int64)
     inside = finite & (k < HIST_BINS)
     kk = torch.where(inside, k, 0)
-    mass = torch.zeros(x.shape[0], HIST_BINS, dtype=torch.float64).scatter_add_(1, kk, torch.where(inside, weights, 0.0))
     count = torch.zeros(x.shape[0], HIST_BINS, dtype=torch.int64).scatter_add_(1, kk, inside.to(torch.int64))
-    return {"m": m, "z": weights.sum(-1), "top": top, "mass": mass, "count": count, "cum": torch.cumsum(mass, 1)}
+    # a bin's mass: its count at the bin's middle logit, as the kernels weigh it
+    mids = (top[:, None] - torch.arange(HIST_BINS) + 0.5).to(torch.float64) * BIN_WIDTH
+    mass = count.to(torch.float64) * torch.exp(mids - m[:, None])
+    return {"m": m, "z": mass.sum(-1), "top": top, "mass": mass, "count": count, "cum": torch.cumsum(mass, 1)}
 
 
 def hist_threshold_batched(h: dict, p: float) -> torch.Tensor:

@@ -83,6 +83,11 @@ class Server:
         self.stop()
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process and return at once (``wait_ready`` / ``wait_for_log`` wait for it)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self._log.write("$ " + shlex.join(self.cmd) + "\n")
@@ -92,31 +97,43 @@ class Server:
             self._old_sigterm = signal.signal(signal.SIGTERM, _raise_exit)
         env = {**os.environ, **(self.env or {})}
         print(f"[server] starting {self.backend} on :{self.port} (log {self.log_path})", flush=True)
-        t0 = time.time()
+        self._t0 = time.time()
         self.proc = subprocess.Popen(
             self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
+
+    def _wait(self, ready) -> None:
+        """Poll ``ready()`` until true; raise (and stop the server) if it exits or times out."""
         try:
             wait = 0.2
-            while True:
+            while not ready():
                 if self.proc.poll() is not None:
                     raise RuntimeError(
                         f"server exited with code {self.proc.returncode} during startup; log tail:\n"
                         + tail(self.log_path)
                     )
-                if time.time() - t0 > self.timeout:
+                if time.time() - self._t0 > self.timeout:
                     raise TimeoutError(f"server not ready after {self.timeout:.0f} s; log tail:\n" + tail(self.log_path))
-                try:
-                    if http_get(self.url + "/health_generate", timeout=10)[0] == 200:
-                        break
-                except OSError:
-                    pass
                 time.sleep(wait)
                 wait = min(2.0, wait * 1.5)
         except BaseException:
             self.stop()
             raise
-        self.startup_s = time.time() - t0
+
+    def wait_for_log(self, text: str = "max_total_num_tokens=") -> None:
+        """Wait until the log shows ``text``; by default: the KV pool is sized, so the next server
+        on this GPU can profile its free memory without racing this one."""
+        self._wait(lambda: text in self.log_path.read_text(errors="replace"))
+
+    def wait_ready(self) -> None:
+        def healthy():
+            try:
+                return http_get(self.url + "/health_generate", timeout=10)[0] == 200
+            except OSError:
+                return False
+
+        self._wait(healthy)
+        self.startup_s = time.time() - self._t0
         print(f"[server] {self.backend} ready after {self.startup_s:.0f} s", flush=True)
 
     def stop(self) -> None:

@@ -12,18 +12,20 @@ import torch
 import triton
 
 from sglang_rabitq.kernels.query import prepare_query
-from sglang_rabitq.kernels.score import ChunkStats, score_chunks
+from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
 
-BLOCK_N = 64  # tokens per inner block of the score and attention kernels
-PROGRAMS_PER_SM = 4
+BLOCK_N = 64  # tokens per inner block of the attention kernel
+CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
+# many short programs hide the latency of the gathers (slot -> code -> K/V) better than few long ones
+PROGRAMS_PER_SM = 16
 
 
 def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks."""
     want = triton.cdiv(PROGRAMS_PER_SM * num_sms, bsz * num_kv_heads)
-    return max(1, min(want, triton.cdiv(max_context, 2 * BLOCK_N)))
+    return max(1, min(want, triton.cdiv(max_context, 2 * CHUNK_ALIGN)))
 
 
 class DecodePlan:
@@ -45,7 +47,7 @@ class DecodePlan:
         score_end = torch.maximum(sink_end, torch.minimum(encoded_lens.to(torch.int32), length - window))
         scored = score_end - sink_end
         per_chunk = torch.clamp((scored + num_chunks - 1) // num_chunks, min=1)
-        chunk_len = (per_chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        chunk_len = (per_chunk + CHUNK_ALIGN - 1) // CHUNK_ALIGN * CHUNK_ALIGN
         rows = self.rows[:bsz]
         rows.copy_(torch.stack([req_pool_indices.to(torch.int32), sink_end, score_end, chunk_len, length], dim=1))
         return rows
@@ -99,7 +101,7 @@ def rabitq_decode_layer(
     score_scale = sm_scale * score_temperature
     if not dense:
         prepare_query(q, rot, qu, qscal, ws.seed, rounding)
-        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, score_scale, k_buf.shape[1], nc, BLOCK_N)
+        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, score_scale, k_buf.shape[1], nc)
         top_p_threshold(ws.stats, thr, top_p, nc)
     sparse_attention(q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
                      ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N, score_scale)

@@ -13,7 +13,7 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 
 @triton.jit
 def _threshold_kernel(
-    cmax_ptr, csum_ptr, ctop_ptr, cmass_ptr, ccount_ptr, thr_ptr, top_p, HQ, NC,
+    cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, top_p, HQ, NC,
     NCP: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
 ):
     row = tl.program_id(0) * HQ + tl.program_id(1)
@@ -24,21 +24,17 @@ def _threshold_kernel(
     any_live = m > float("-inf")
     m0 = tl.where(any_live, m, 0.0)
     live = cm > float("-inf")
-    z = tl.sum(tl.where(live, tl.load(csum_ptr + base + offs_c, mask=live, other=0.0) * tl.exp(cm - m0), 0.0), axis=0)
     top = tl.max(tl.where(live, tl.load(ctop_ptr + base + offs_c, mask=live, other=NO_BIN), NO_BIN), axis=0)
     offs_j = tl.arange(0, NB)
-    mass = tl.zeros((NB,), tl.float32)
     count = tl.zeros((NB,), tl.int32)
     for c in range(NC):  # sum the chunks' histograms, re-anchored to the global top bin
-        mc = tl.load(cmax_ptr + base + c)
         src = offs_j - (top - tl.load(ctop_ptr + base + c))
-        src = tl.where(mc > float("-inf"), src, -1)  # an empty chunk adds nothing
-        ok = src >= 0
-        scale = tl.where(mc > float("-inf"), tl.exp(mc - m0), 0.0)
-        mass += tl.load(cmass_ptr + (base + c) * NB + src, mask=ok, other=0.0) * scale
-        count += tl.load(ccount_ptr + (base + c) * NB + src, mask=ok, other=0)
+        src = tl.where(tl.load(cmax_ptr + base + c) > float("-inf"), src, -1)  # an empty chunk adds nothing
+        count += tl.load(ccount_ptr + (base + c) * NB + src, mask=src >= 0, other=0)
+    # a bin's mass: its count at the bin's middle logit (relative to exp(m))
+    mass = count.to(tl.float32) * tl.exp((top - offs_j).to(tl.float32) * BIN_W + 0.5 * BIN_W - m0)
     cum = tl.cumsum(mass, axis=0)
-    target = top_p * z
+    target = top_p * tl.sum(mass, axis=0)
     k = tl.min(tl.where(cum >= target, offs_j, NB), axis=0)
     at_k = offs_j == k
     bin_mass = tl.sum(tl.where(at_k, mass, 0.0), axis=0)
@@ -51,7 +47,7 @@ def _threshold_kernel(
     # ... unless it holds few tokens: then keep it whole
     small = tl.sum(tl.where(at_k, count, 0), axis=0) <= SMALL
     thr = tl.minimum(tl.where(small, lo, interp), m0)  # the arg-max is always kept
-    # -inf keeps every token: p = 1, an empty region, or bins that never reach p
+    # -inf keeps every token: p = 1 or an empty region
     found = any_live & (k < NB) & (top_p < 1.0)
     tl.store(thr_ptr + row, tl.where(found, thr, float("-inf")))
 
@@ -60,6 +56,6 @@ def top_p_threshold(stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chun
     """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept."""
     bsz, hq = thr.shape
     _threshold_kernel[(bsz, hq)](
-        stats.max, stats.sum, stats.top, stats.mass, stats.count, thr, float(top_p), hq, num_chunks,
+        stats.max, stats.top, stats.count, thr, float(top_p), hq, num_chunks,
         NCP=triton.next_power_of_2(num_chunks), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN,
     )

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import block_logits, chunk_bounds, load_group_query
+from sglang_rabitq.kernels.estimate import block_logits, chunk_bounds, group_pad, load_group_query
 
 # Triton's interpreter multiplies bf16 tiles as raw integers: run its dots in fp32 instead
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,7 +54,7 @@ def _sparse_attention_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
     thr = tl.load(thr_ptr + b * HQ + heads, mask=gmask, other=float("inf"))
-    qu_t, delta, qmin, qsum = load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP, GP, D)
+    qu, delta, qmin, qsum = load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP, GP, D)
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
@@ -68,26 +68,28 @@ def _sparse_attention_kernel(
         if not DENSE:
             if is_chunk:
                 lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                                  qu_t, delta, qmin, qsum, score_scale, D, BLOCK_N)
-                over = (lg >= thr[None, :]) & gmask[None, :]
-                keep = valid & (tl.max(over.to(tl.int32), axis=1) > 0)
-        n_kept += tl.sum(keep.to(tl.int32), axis=0)
-        # masked rows issue no memory traffic: K/V are read for kept tokens only
-        k = tl.load(k_ptr + slots[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=keep[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
-        s = tl.where(keep[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_ptr + slots[:, None] * stride_vn + hkv * stride_vh + offs_d[None, :], mask=keep[:, None], other=0.0)
-        if DOT_F32:
-            vv = vv.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-        m_i = m_new
+                                  qu, delta, qmin, qsum, score_scale, D, BLOCK_N)
+                over = (lg >= thr[:, None]) & gmask[:, None]
+                keep = valid & (tl.max(over.to(tl.int32), axis=0) > 0)
+        n_block = tl.sum(keep.to(tl.int32), axis=0)
+        n_kept += n_block
+        if n_block > 0:  # a block with no kept token reads nothing and computes nothing
+            # masked rows issue no memory traffic: K/V are read for kept tokens only
+            k = tl.load(k_ptr + slots[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=keep[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * sm_scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vv = tl.load(v_ptr + slots[:, None] * stride_vn + hkv * stride_vh + offs_d[None, :], mask=keep[:, None], other=0.0)
+            if DOT_F32:
+                vv = vv.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
     part = (b * HQ + heads) * (NC + 1) + c
     has = l_i > 0
     tl.store(po_ptr + part[:, None] * D + offs_d[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=gmask[:, None])
@@ -134,7 +136,7 @@ def sparse_attention(
         partial_out, partial_lse, kept,
         sm_scale, sm_scale if score_scale is None else score_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, hkv, num_chunks,
-        GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
+        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n,
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED,
     )
 

@@ -3,8 +3,10 @@
 The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``:
 - extend / prefill / mixed batches: the dense backend attends and saves K/V; then the keys of
   every new token, and of any reused prefix slot without a valid code, are encoded per layer;
-- decode: the new K/V are saved, a chunk of older window tokens may be encoded (lazy refresh),
-  and each sparse layer runs score -> threshold -> sparse attention over the slot-indexed codes.
+- decode: a chunk of older window tokens may be encoded (lazy refresh), and each sparse layer runs
+  score -> threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
+  (the first ``dense_layers``, or all at top-p 1) use the dense backend's own decode kernel, so
+  top-p 1 gives exactly the dense backend's output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sglang_rabitq.planner import DecodePlanner, plan_extend
 from sglang_rabitq.stats import RaBitQStats
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 logger = logging.getLogger("sglang_rabitq")
 
@@ -42,6 +45,8 @@ class RaBitQAttnBackend(AttentionBackend):
         check_runner(model_runner)
         self.config = config
         self.dense = dense_backend
+        # the dense backend decodes the dense layers (torch_native cannot run in CUDA graphs: ours do)
+        self.dense_decode = not isinstance(dense_backend, TorchNativeAttnBackend)
         self.device = model_runner.device
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.kv_pool = model_runner.token_to_kv_pool
@@ -70,6 +75,8 @@ class RaBitQAttnBackend(AttentionBackend):
     # ---- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode_or_idle():
+            if self.dense_decode:
+                self.dense.init_forward_metadata(forward_batch)
             self._plan_decode(forward_batch, mutate=True)
             return
         self.dense.init_forward_metadata(forward_batch)
@@ -85,7 +92,13 @@ class RaBitQAttnBackend(AttentionBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         # CUDA graphs cover decode only; this runs eagerly before capture and before each replay
+        if self.dense_decode:
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         self._plan_decode(forward_batch, mutate=not in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        if self.dense_decode:
+            self.dense.init_forward_metadata_in_graph(forward_batch)
 
     def _plan_decode(self, forward_batch, mutate: bool):
         bsz = forward_batch.batch_size
@@ -100,6 +113,8 @@ class RaBitQAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if max_bs > self.ws.plan.rows.shape[0]:
             raise ValueError(f"CUDA-graph batch {max_bs} exceeds the request pool ({self.ws.plan.rows.shape[0]})")
+        if self.dense_decode:
+            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
@@ -120,25 +135,34 @@ class RaBitQAttnBackend(AttentionBackend):
                 self.pool.codes[lid], self.pool.factor[lid]))
         return out
 
+    def _attends_densely(self, layer_id: int) -> bool:
+        return not self.pool.is_sparse(layer_id) or self.config.top_p >= 1.0
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         lid = layer.layer_id
-        if save_kv_cache:
-            self.kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
         bsz = forward_batch.batch_size
         k_buf, v_buf = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
-        q = q.reshape(bsz, self.num_q_heads, self.head_dim)
-        out = torch.empty_like(q)
         sparse = self.pool.is_sparse(lid)
         codes, factor, rot = self.pool.buffers(lid)
         if sparse:  # lazy refresh: the chunk of window tokens the planner picked (if any)
             encode_slots(k_buf, self.planner.encode_slots[: bsz * self.config.encode_chunk],
                          rot, self.pool.center[lid], codes, factor)
-        rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
-                            sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
-                            rounding=self.config.rounding, score_temperature=self.config.score_temperature)
+        dense = self._attends_densely(lid)
+        if dense and self.dense_decode:
+            out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        else:
+            if save_kv_cache:
+                self.kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+            q = q.reshape(bsz, self.num_q_heads, self.head_dim)
+            out = torch.empty_like(q)
+            rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
+                                sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
+                                rounding=self.config.rounding, score_temperature=self.config.score_temperature)
+            out = out.view(bsz, self.num_q_heads * self.head_dim)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)
-            self.stats.add("attended_tokens", self.ws.kept_tokens(bsz).sum())
-            self.stats.add("context_tokens", forward_batch.seq_lens[:bsz].sum() * self.num_kv_heads)
+            context = forward_batch.seq_lens[:bsz].sum() * self.num_kv_heads
+            self.stats.add("attended_tokens", context if dense else self.ws.kept_tokens(bsz).sum())
+            self.stats.add("context_tokens", context)
             self.stats.add("decode_steps", 1)
-        return out.view(bsz, self.num_q_heads * self.head_dim)
+        return out

@@ -5,13 +5,13 @@
 
 ``hist_threshold`` / ``top_p_mask_hist`` are what the kernels compute without a sort. Logits fall
 into ``HIST_BINS`` bins of width ``BIN_WIDTH`` on an absolute grid, counted down from the maximum's
-bin; each bin carries its exact mass and count. Bins are taken from the top until the cumulative
-mass would pass ``p`` of the exact normalizer; inside that last bin the threshold is interpolated
+bin; each bin counts its tokens and weighs them at its middle logit (within 1/8 logit of each:
+counting is what GPUs histogram fast). Bins are taken from the top until the cumulative mass would
+pass ``p`` of the binned total; inside that last bin the threshold is interpolated
 as if its mass were spread evenly in logit, except that a bin of at most ``SMALL_BIN`` tokens is
 kept whole (with few tokens the even-spread guess can cut off most of the bin's mass). The
 threshold never exceeds the maximum, so the arg-max is always kept. Tokens more than
-``HIST_BINS * BIN_WIDTH`` below the maximum are only kept when the bins never reach ``p``, and then
-every token is.
+``HIST_BINS * BIN_WIDTH`` below the maximum (mass under ``exp(-16)`` each) are never kept.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def hist_threshold(logits: torch.Tensor, p: float, valid: torch.Tensor | None = 
         if row.numel() == 0:
             continue
         m = float(row.max())
-        weights = torch.exp(row - m)
-        z = float(weights.sum())
         top = math.floor(m / BIN_WIDTH)
         k = top - torch.floor(row / BIN_WIDTH).to(torch.int64)
-        inside = k < HIST_BINS
-        mass = torch.zeros(HIST_BINS, dtype=torch.float64).index_add_(0, k[inside], weights[inside])
-        count = torch.bincount(k[inside], minlength=HIST_BINS)
+        count = torch.bincount(k[k < HIST_BINS], minlength=HIST_BINS)
+        # a bin's mass: its count at the bin's middle logit (the kernels histogram counts only)
+        mids = (top - torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) * BIN_WIDTH
+        mass = count.double() * torch.exp(mids - m)
+        z = float(mass.sum())
         cum = torch.cumsum(mass, 0)
         hit = torch.nonzero(cum >= p * z)
         if hit.numel():
