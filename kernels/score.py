@@ -21,6 +21,18 @@ SCORE_BLOCK_N = 128  # tokens per inner block of the score pass
 
 
 @triton.jit
+def _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn, stride_r2t,
+           qu, delta, qmin, qsum, sm_scale, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions ``[n0, n0 + BLOCK_N)`` of request row ``rpi``: which are ``< end``, and their logits."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
+    lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
+                      qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
+    return valid, lg
+
+
+@triton.jit
 def _score_kernel(
     qu_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr,
     cmax_ptr, ctop_ptr, ccount_ptr,
@@ -39,21 +51,15 @@ def _score_kernel(
     qu, delta, qmin, qsum = load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP, GP, D)
     m = tl.full((GP,), float("-inf"), tl.float32)  # stays -inf for an empty chunk: skipped later
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-        lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                          qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
+        valid, lg = _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn,
+                           stride_r2t, qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
         m = tl.maximum(m, tl.max(lg, axis=1))
     top = tl.where(m > float("-inf"), tl.floor(m / BIN_W), 0.0).to(tl.int32)
     offs_j = tl.arange(0, NB)
     count = tl.zeros((GP, NB), tl.int32)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-        lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                          qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
+        valid, lg = _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn,
+                           stride_r2t, qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
         lg = tl.where(valid[None, :], lg, 0.0)
         k = top[:, None] - tl.floor(lg / BIN_W).to(tl.int32)  # bin counted down from the top
         inside = valid[None, :] & (k >= 0) & (k < NB)
