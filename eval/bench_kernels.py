@@ -3,6 +3,11 @@ dense decode kernels (FlashInfer's and SGLang's Triton kernel), same GPU, same r
 
     python eval/bench_kernels.py --out eval/results/kernels.json
 
+    python eval/bench_kernels.py --breakdown --out eval/results/kernels_breakdown.json
+
+``--breakdown`` times each launch of the step on its own (graph replay), with num_warps variants of
+the two big kernels, to show where the time goes.
+
 The budget is set by planting "hot" keys aligned with their queries' group (a fraction of every
 request's tokens): top-p then keeps about that fraction, and the measured budget (tokens attended
 / context, from the kernel's own counters) is reported beside each row.
@@ -20,8 +25,11 @@ import sys
 import torch
 import triton
 
-from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, rabitq_decode_layer
+from sglang_rabitq.kernels.decode import BLOCK_N
 from sglang_rabitq.kernels.score import score_chunks
+from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
 from sglang_rabitq.reference import random_rotation
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64)}
@@ -88,6 +96,23 @@ class Setup:
         return lambda: score_chunks(ws.qu[: self.bs], ws.qscal[: self.bs], self.codes, self.factor, self.r2t,
                                     ws.plan.rows[: self.bs], ws.stats, self.d**-0.5, self.hkv, nc)
 
+    def stages(self, top_p, warps=(2, 4, 8)):
+        """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
+        ws, bs, sm = self.ws, self.bs, self.d**-0.5
+        nc = ws.num_chunks(bs)
+        qu, qscal, thr, plan = ws.qu[:bs], ws.qscal[:bs], ws.thr[:bs], ws.plan.rows[:bs]
+        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qu, qscal)}
+        for w in warps:
+            out[f"score_w{w}"] = lambda w=w: score_chunks(qu, qscal, self.codes, self.factor, self.r2t, plan, ws.stats,
+                                                          sm, self.hkv, nc, num_warps=w)
+        out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc)
+        for w in warps:
+            out[f"attention_w{w}"] = lambda w=w: sparse_attention(
+                self.q, self.k, self.v, qu, qscal, self.codes, self.factor, self.r2t, plan, thr, ws.partial_out,
+                ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, sm, num_warps=w)
+        out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, self.out, nc + 1)
+        return out
+
     def flashinfer(self):
         import flashinfer
 
@@ -116,6 +141,38 @@ class Setup:
                                             self.d**-0.5, 1.0, 1.0)
 
 
+def _meta(bw):
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat(), copy_gbps=bw,
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    for name in ("sglang", "flashinfer"):
+        try:
+            meta[name] = __import__(name).__version__
+        except Exception:  # a baseline's package missing here: its version is not recorded
+            meta[name] = None
+    return meta
+
+
+def breakdown(args, bw):
+    rows = []
+    for shape in args.shapes.split(","):
+        hq, hkv, d = SHAPES[shape]
+        for ctx in (32768, 131072):
+            for bs in (1, 32):
+                s = Setup(hq, hkv, d, ctx, bs)
+                s.plant(0.10)
+                step = s.ours(args.top_p)
+                row = dict(shape=shape, context=ctx, batch=bs, step_us=graph_time(step),
+                           num_chunks=s.ws.num_chunks(bs),
+                           budget=s.ws.kept_tokens(bs).sum().item() / (bs * hkv * ctx))
+                row.update({name: graph_time(fn) for name, fn in s.stages(args.top_p).items()})
+                rows.append(row)
+                print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                del s
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="8192,32768,131072")
@@ -123,10 +180,26 @@ def main():
     ap.add_argument("--budgets", default="0.05,0.10,0.20")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--breakdown", action="store_true", help="time each launch of the step (see above)")
     ap.add_argument("--out", default="eval/results/kernels.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    if args.breakdown:
+        rows = breakdown(args, bw)
+        meta = _meta(bw)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        cols = [k for k in rows[0] if k not in ("shape", "context", "batch")]
+        with open(args.out.replace(".json", ".md"), "w") as f:
+            f.write(f"# One decode step, launch by launch (us, CUDA-graph replay)\n\n{meta['gpu']}, {meta['date']}. "
+                    f"Command: `{meta['command']}`\n\n| shape | context | batch | " + " | ".join(cols) + " |\n"
+                    + "|---" * (3 + len(cols)) + "|\n")
+            for r in rows:
+                f.write(f"| {r['shape']} | {r['context']} | {r['batch']} | "
+                        + " | ".join(f"{r[c]:.3g}" for c in cols) + " |\n")
+        print("wrote", args.out)
+        return
     rows = []
     for shape in args.shapes.split(","):
         hq, hkv, d = SHAPES[shape]
@@ -164,15 +237,7 @@ def main():
                     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
                 del s
                 torch.cuda.empty_cache()
-    import sglang
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                sglang=sglang.__version__, date=datetime.date.today().isoformat(), copy_gbps=bw,
-                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
-    try:
-        import flashinfer
-        meta["flashinfer"] = flashinfer.__version__
-    except Exception:
-        pass
+    meta = _meta(bw)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -78,7 +78,7 @@ def _score_kernel(
 def score_chunks(
     qu: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, stats: "ChunkStats", sm_scale: float,
-    num_kv_heads: int, num_chunks: int,
+    num_kv_heads: int, num_chunks: int, num_warps: int = 4,
 ) -> None:
     """Fill ``stats`` for every (request, query head, chunk) of the plan's scored regions."""
     bsz, hq, d = qu.shape
@@ -93,7 +93,7 @@ def score_chunks(
         stats.max, stats.top, stats.count,
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N,
-        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1],
+        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], num_warps=num_warps,
     )
 
 

@@ -126,6 +126,7 @@ def sparse_attention(
     codes: torch.Tensor, factor: torch.Tensor, req_to_token: torch.Tensor, plan: torch.Tensor,
     thr: torch.Tensor, partial_out: torch.Tensor, partial_lse: torch.Tensor, kept: torch.Tensor,
     sm_scale: float, num_chunks: int, dense: bool, block_n: int = 64, score_scale: float | None = None,
+    num_warps: int = 4,
 ) -> None:
     """Partial outputs ``[B * Hq * (NC + 1), D]`` and their log-sum-exp for ``merge_partials``."""
     bsz, hq, d = q.shape
@@ -137,7 +138,7 @@ def sparse_attention(
         sm_scale, sm_scale if score_scale is None else score_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, hkv, num_chunks,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n,
-        DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED,
+        DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, num_warps=num_warps,
     )
 
 
