@@ -1,11 +1,12 @@
-"""End-to-end smoke test of `--attention-backend rabitq` against the dense `flashinfer` backend,
-all servers of one model on one GPU, started together by this script:
+"""End-to-end smoke test of `--attention-backend rabitq` against the dense `flashinfer` backend:
+five servers of one model on one GPU, started one after another by this script:
 
     python eval/e2e_smoke.py --model /tmp/models/smollm2 --out eval/results/e2e_smoke.json
 
 Checks: OpenAI chat / completion / streaming answer; `--rabitq-top-p 1.0` gives the same greedy
 text as dense on every prompt; a multi-turn conversation over a shared long document reuses codes
-(radix cache) and matches dense; CUDA graphs on and off give identical output.
+(radix cache) and matches dense; CUDA graphs on and off give identical output (the dense backend's
+own on/off agreement is reported beside it).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main():
         "p1": Server(args.model, "rabitq", args.port + 10, ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
         "sparse": Server(args.model, "rabitq", args.port + 20, [], **{**common, "log_path": logs / "smoke-sparse.log"}),
         "nograph": Server(args.model, "rabitq", args.port + 30, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
+        # the dense backend's own graph on/off agreement: the floor for rabitq's (reported)
+        "dense-nograph": Server(args.model, "flashinfer", args.port + 40, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-dense-nograph.log"}),
     }
     errors = {}
     # one after another, each once its KV pool is sized: SGLang sizes the pool from the free GPU
@@ -120,6 +123,9 @@ def main():
                   mismatches=[(a, b) for a, b in zip(texts["dense"], texts["p1"]) if a != b][:3])
         if "sparse" in texts and "nograph" in texts:
             same = sum(a == b for a, b in zip(texts["sparse"], texts["nograph"]))
+            if "dense" in texts and "dense-nograph" in texts:
+                dense_same = sum(a == b for a, b in zip(texts["dense"], texts["dense-nograph"]))
+                check("dense backend CUDA graph on/off (reported)", True, identical=dense_same, of=len(convs))
             check("CUDA graph on/off identical", same == len(convs), identical=same, of=len(convs))
         if "dense" in texts and "sparse" in texts:
             same = sum(a == b for a, b in zip(texts["dense"], texts["sparse"]))
