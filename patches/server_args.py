@@ -30,7 +30,10 @@ def add_rabitq_args(parser) -> None:
     g.add_argument("--rabitq-encode-chunk", type=int, default=_DEFAULTS.encode_chunk,
                    help="decoded tokens are encoded in batches of this many")
     g.add_argument("--rabitq-center", choices=CENTER_MODES, default=_DEFAULTS.center,
-                   help="key centring: none, or per (layer, kv-head) mean of the first prefill, then fixed")
+                   help="key centring: none, or calibrate: per (layer, kv-head) mean of the first prefill keys, "
+                        "then fixed for the server's lifetime")
+    g.add_argument("--rabitq-calibrate-tokens", type=int, default=_DEFAULTS.calibrate_tokens,
+                   help="with --rabitq-center calibrate: prefill keys the mean is taken over before it is fixed")
     g.add_argument("--rabitq-rounding", choices=ROUNDING_MODES, default=_DEFAULTS.rounding,
                    help="INT4 query rounding: nearest or random (unbiased)")
     g.add_argument("--rabitq-seed", type=int, default=_DEFAULTS.seed, help="seed of the random rotations")

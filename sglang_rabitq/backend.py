@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from sglang_rabitq.calibration import CenterCalibration
 from sglang_rabitq.code_pool import CodePool
 from sglang_rabitq.config import RaBitQConfig
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
@@ -65,7 +66,7 @@ class RaBitQAttnBackend(AttentionBackend):
         self.stats = RaBitQStats(self.device, bool(getattr(model_runner.server_args, "enable_metrics", False)))
         self.last_sparse_layer = self.pool.sparse_layers[-1] if self.pool.sparse_layers else -1
         self._extend_slots = None
-        self._calibrating = False
+        self.calibration = None if self.pool.calibrated else CenterCalibration(self.pool, config.calibrate_tokens)
         logger.info(
             "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); dense prefill: %s",
             config, len(self.pool.sparse_layers), num_layers, self.pool.nbytes() / 2**20, num_slots,
@@ -85,7 +86,6 @@ class RaBitQAttnBackend(AttentionBackend):
             list(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
         )
         self._extend_slots = slots
-        self._calibrating = not self.pool.calibrated
         self.stats.add("codes_reused", reused)
         self.stats.add("codes_encoded", encoded)
         self.stats.maybe_log()
@@ -124,15 +124,12 @@ class RaBitQAttnBackend(AttentionBackend):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         lid = layer.layer_id
         if self.pool.is_sparse(lid):
-            if self._calibrating:
-                # fixed for the server's lifetime: every request's codes share one frame (radix-safe)
-                self.pool.center[lid] = k.view(-1, self.num_kv_heads, self.head_dim).float().mean(0)
-                if lid == self.last_sparse_layer:
-                    self.pool.calibrated = True
             k_buf = self.kv_pool.get_key_buffer(lid)
             self.stats.time_encode(lambda: encode_slots(
                 k_buf, self._extend_slots, self.pool.rot[lid], self.pool.center[lid],
                 self.pool.codes[lid], self.pool.factor[lid]))
+            if self.calibration is not None and not self.calibration.done:
+                self.calibration.observe(lid, k.view(-1, self.num_kv_heads, self.head_dim), k_buf)
         return out
 
     def _attends_densely(self, layer_id: int) -> bool:

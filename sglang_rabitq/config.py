@@ -18,7 +18,8 @@ class RaBitQConfig:
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
     dense_layers: int = 2  # first layers attend densely
     encode_chunk: int = 64  # decoded tokens are encoded in batches of this many
-    center: str = "none"  # key centring: none, or per (layer, kv-head) mean of the first prefill
+    center: str = "none"  # key centring: none, or per (layer, kv-head) mean of the first prefill keys
+    calibrate_tokens: int = 4096  # prefill keys the "calibrate" mean is taken over before it is fixed
     rounding: str = "nearest"  # INT4 query rounding: nearest or random (unbiased)
     seed: int = 0  # seed of the random rotations
 
@@ -29,8 +30,10 @@ class RaBitQConfig:
         check_non_negative(
             sink=self.sink, window=self.window, dense_layers=self.dense_layers, seed=self.seed
         )
-        if int(self.encode_chunk) != self.encode_chunk or self.encode_chunk < 1:
-            raise ValueError(f"encode_chunk must be a positive integer, got {self.encode_chunk}")
+        for name in ("encode_chunk", "calibrate_tokens"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
         if self.center not in CENTER_MODES:
             raise ValueError(f"center must be one of {CENTER_MODES}, got {self.center!r}")
         if self.rounding not in ROUNDING_MODES:

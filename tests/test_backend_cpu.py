@@ -184,3 +184,29 @@ def test_head_dim_must_be_multiple_of_32():
     h.shape.head_dim = 80
     with pytest.raises(UnsupportedModelError, match="multiple of 32"):
         make(h)
+
+
+def test_calibrated_centre_is_the_mean_of_the_first_prefill_keys_and_recodes_older_codes():
+    h = Harness()
+    cfg = RaBitQConfig(top_p=0.9, sink=8, window=16, dense_layers=1, encode_chunk=8, center="calibrate",
+                       calibrate_tokens=300)
+    b = make(h, cfg)
+    row_a, _ = prefill(h, b, list(range(200)))  # a short first prompt: not enough to fix the centre
+    assert not b.pool.calibrated and not b.pool.center.any()
+    slots_a = h.req_pool.req_to_token[row_a, :200].long()
+    assert_codes_match(b, h, slots_a)  # encoded around zero meanwhile
+    decode(h, b, row_a, 200)
+    row_b, _ = prefill(h, b, list(range(5000, 5150)))  # 350 prefill keys seen: the centre is fixed
+    assert b.pool.calibrated
+    slots_b = h.req_pool.req_to_token[row_b, :150].long()
+    seen = torch.cat([slots_a, h.req_pool.req_to_token[row_a, 200:201].long(), slots_b])
+    for lid in b.pool.sparse_layers:
+        keys = h.kv_pool.get_key_buffer(lid)[torch.cat([slots_a, slots_b])].double()
+        assert torch.allclose(b.pool.center[lid].double(), keys.mean(0), atol=1e-5)
+    # every valid code, also those encoded before the centre was fixed, is around the new centre
+    valid = seen[b.pool.valid[seen]]
+    assert valid.numel() >= 350
+    assert_codes_match(b, h, valid)
+    centre = b.pool.center.clone()
+    prefill(h, b, list(range(7000, 7400)))  # fixed for the server's lifetime
+    assert torch.equal(b.pool.center, centre)

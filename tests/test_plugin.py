@@ -59,7 +59,8 @@ def test_help_lists_backend_and_flags():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rabitq}" in r.stdout  # a choice of --attention-backend
     for flag in ("--rabitq-top-p", "--rabitq-score-temperature", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
-                 "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-rounding", "--rabitq-prefill-backend"):
+                 "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-calibrate-tokens", "--rabitq-rounding",
+                 "--rabitq-prefill-backend"):
         assert flag in r.stdout
 
 
@@ -79,3 +80,12 @@ def test_memory_hook_targets_exist_and_cost_is_counted():
     assert callable(module.DefaultPoolConfigurator._compute_cell_size)
     # Qwen2.5-0.5B: 24 layers, 2 dense, 2 kv-heads, head_dim 64: (8 + 4) bytes per (layer, head) + 1
     assert code_bytes_per_token(22, 2, 64) == 22 * 2 * 12 + 1
+
+
+@pytest.mark.parametrize("field,value", [("encode_chunk", 0), ("calibrate_tokens", 0), ("calibrate_tokens", 2.5),
+                                         ("center", "mean"), ("top_p", 0.0)])
+def test_bad_settings_are_refused_naming_the_setting(field, value):
+    from sglang_rabitq.config import RaBitQConfig
+
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        RaBitQConfig(**{field: value})
