@@ -21,6 +21,7 @@ from sglang_rabitq.config import RaBitQConfig
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
 from sglang_rabitq.model_check import check_runner
 from sglang_rabitq.planner import DecodePlanner, plan_extend
+from sglang_rabitq.request_budget import RequestBudgets
 from sglang_rabitq.stats import RaBitQStats
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -63,7 +64,9 @@ class RaBitQAttnBackend(AttentionBackend):
                              self.device, kv_head_offset=tp_rank * self.num_kv_heads)
         self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device)
         self.planner = DecodePlanner(self.pool, self.ws, max_bs, self.device)
-        self.stats = RaBitQStats(self.device, bool(getattr(model_runner.server_args, "enable_metrics", False)))
+        metrics = bool(getattr(model_runner.server_args, "enable_metrics", False))
+        self.stats = RaBitQStats(self.device, metrics)
+        self.request_budgets = RequestBudgets(max_bs, self.device, metrics)
         self.last_sparse_layer = self.pool.sparse_layers[-1] if self.pool.sparse_layers else -1
         self._extend_slots = None
         self.calibration = None if self.pool.calibrated else CenterCalibration(self.pool, config.calibrate_tokens)
@@ -81,6 +84,9 @@ class RaBitQAttnBackend(AttentionBackend):
             self._plan_decode(forward_batch, mutate=True)
             return
         self.dense.init_forward_metadata(forward_batch)
+        rids = getattr(forward_batch, "rids", None)
+        if rids:
+            self.request_budgets.start(forward_batch.req_pool_indices.tolist(), rids)
         slots, reused, encoded = plan_extend(
             self.pool, self.req_to_token, forward_batch.req_pool_indices,
             list(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
@@ -158,8 +164,10 @@ class RaBitQAttnBackend(AttentionBackend):
             out = out.view(bsz, self.num_q_heads * self.head_dim)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)
-            context = forward_batch.seq_lens[:bsz].sum() * self.num_kv_heads
-            self.stats.add("attended_tokens", context if dense else self.ws.kept_tokens(bsz).sum())
-            self.stats.add("context_tokens", context)
+            seq_lens = forward_batch.seq_lens[:bsz]
+            attended = seq_lens * self.num_kv_heads if dense else self.ws.kept_tokens(bsz).sum(-1)
+            self.stats.add("attended_tokens", attended.sum())
+            self.stats.add("context_tokens", seq_lens.sum() * self.num_kv_heads)
             self.stats.add("decode_steps", 1)
+            self.request_budgets.add_step(forward_batch.req_pool_indices[:bsz], seq_lens, attended, self.num_kv_heads)
         return out

@@ -210,3 +210,31 @@ def test_calibrated_centre_is_the_mean_of_the_first_prefill_keys_and_recodes_old
     centre = b.pool.center.clone()
     prefill(h, b, list(range(7000, 7400)))  # fixed for the server's lifetime
     assert torch.equal(b.pool.center, centre)
+
+
+def test_a_finished_request_reports_its_own_decode_budget():
+    h = Harness()
+    b = make(h)
+    tokens = list(range(300))
+    row, n_pre, new = h.new_request(tokens)
+    fb = h.extend_batch([row], [n_pre], [300], new)
+    fb.rids = ["req-a"]
+    h.run(b, fb, 300)
+    context = 0
+    for length in range(300, 312):
+        decode(h, b, row, length)
+        context += (length + 1) * 2  # two kv-heads
+    h.finish(row, tokens + list(range(7000, 7012)))
+    h.free_rows.insert(0, h.free_rows.pop())  # the next request gets the same row
+    row_b, n_pre, new = h.new_request(list(range(9000, 9100)))
+    assert row_b == row and not b.request_budgets.finished
+    fb = h.extend_batch([row_b], [n_pre], [100], new)
+    fb.rids = ["req-b"]
+    h.run(b, fb, 100)
+    (report,) = b.request_budgets.finished
+    assert report["rid"] == "req-a" and report["decode_steps"] == 12
+    attended = report["budget"] * context
+    assert 0 < report["budget"] < 1 and abs(attended - round(attended)) < 1e-6
+    snap = b.stats.snapshot()  # the global counters saw exactly these steps
+    assert snap["context_tokens"] == context and snap["attended_tokens"] == round(attended)
+    assert not b.request_budgets.counts[row].any()  # the row starts afresh for req-b
