@@ -235,6 +235,27 @@ if __name__ != "__main__":
                         log_path=tmp_path / "bad.log", timeout=30):
                 pass
 
+    def test_servers_launched_one_after_another_wait_for_their_logs(fake, tmp_path):
+        port = _port()
+        servers = [Server(str(fake), "flashinfer", port=port + 10 * i, log_path=tmp_path / f"s{i}.log", timeout=30)
+                   for i in range(2)]
+        try:
+            for srv in servers:
+                srv.launch()
+                srv.wait_for_log("fake sglang")  # what the fake prints once it runs
+            for srv in servers:
+                srv.wait_ready()
+                assert srv.startup_s is not None
+        finally:
+            for srv in servers:
+                srv.stop()
+        dead = Server(str(fake), "flashinfer", port=port + 20, extra_args=["--port", "notaport"],
+                      log_path=tmp_path / "dead.log", timeout=30)
+        dead.launch()
+        with pytest.raises(RuntimeError, match="exited"):
+            dead.wait_for_log("never printed")
+        assert dead.proc is None  # stopped on the way out
+
     def test_accuracy_driver(fake, tmp_path):
         out = tmp_path / "accuracy.json"
         res = accuracy.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "1024",
