@@ -90,12 +90,6 @@ class Setup:
         return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
                                            self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p)
 
-    def score_only(self):
-        ws = self.ws
-        nc = ws.num_chunks(self.bs)
-        return lambda: score_chunks(ws.qu[: self.bs], ws.qscal[: self.bs], self.codes, self.factor, self.r2t,
-                                    ws.plan.rows[: self.bs], ws.stats, self.d**-0.5, self.hkv, nc)
-
     def stages(self, top_p, warps=(2, 4, 8)):
         """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
         ws, bs, sm = self.ws, self.bs, self.d**-0.5
@@ -222,7 +216,7 @@ def main():
                     kept = s.ws.kept_tokens(bs).sum().item()
                     real_budget = kept / (bs * hkv * ctx)
                     t_graph = graph_time(fn)
-                    t_score = bench(s.score_only())
+                    t_score = bench(s.stages(args.top_p, warps=(4,))["score_w4"])
                     code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
                     our_bytes = 2 * code_bytes + kept * 2 * d * 2
                     row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,

@@ -20,6 +20,7 @@ class CenterCalibration:
         self.sums = {lid: torch.zeros(pool.num_kv_heads, pool.head_dim, dtype=torch.float64, device=pool.center.device)
                      for lid in pool.sparse_layers}
         self.seen = 0  # tokens summed into every sparse layer so far
+        self._valid_slots = None  # slots to re-encode, in the batch that fixes the centre
 
     @property
     def done(self) -> bool:
@@ -33,8 +34,9 @@ class CenterCalibration:
         if n >= self.target:
             pool = self.pool
             pool.center[layer_id] = (self.sums[layer_id] / n).float()
-            slots = torch.nonzero(pool.valid[:-1]).squeeze(1)  # the extra last entry is the dump slot
-            encode_slots(k_buf, slots, pool.rot[layer_id], pool.center[layer_id],
+            if self._valid_slots is None:  # the same slots for every layer of this batch: found once
+                self._valid_slots = torch.nonzero(pool.valid[:-1]).squeeze(1)  # the last entry is the dump slot
+            encode_slots(k_buf, self._valid_slots, pool.rot[layer_id], pool.center[layer_id],
                          pool.codes[layer_id], pool.factor[layer_id])
         if layer_id == self.pool.sparse_layers[-1]:
             self.seen = n

@@ -41,10 +41,8 @@ class RequestBudgets:
                             torch.ones_like(rows)], dim=1)
         self.counts.index_add_(0, rows, step)
 
-    def start(self, rows: list[int], rids: list | None) -> None:
+    def start(self, rows: list[int], rids: list) -> None:
         """An extend batch's rows and request ids: report and reset rows that changed request."""
-        if rids is None:
-            return
         ended = [(row, self.rid[row]) for row, rid in zip(rows, rids) if self.rid[row] not in (None, rid)]
         if ended:
             idx = torch.tensor([row for row, _ in ended], device=self.counts.device)
