@@ -94,16 +94,16 @@ class Setup:
         """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
         ws, bs, sm = self.ws, self.bs, self.d**-0.5
         nc = ws.num_chunks(bs)
-        qu, qscal, thr, plan = ws.qu[:bs], ws.qscal[:bs], ws.thr[:bs], ws.plan.rows[:bs]
-        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qu, qscal)}
+        qu, qscal, qbits, thr, plan = ws.qu[:bs], ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
+        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qu, qscal, qbits)}
         for w in warps:
-            out[f"score_w{w}"] = lambda w=w: score_chunks(qu, qscal, self.codes, self.factor, self.r2t, plan, ws.stats,
-                                                          sm, self.hkv, nc, num_warps=w)
+            out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, self.codes, self.factor, self.r2t, plan, ws.logits,
+                                                          ws.stats, sm, self.hkv, nc, num_warps=w)
         out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc)
         for w in warps:
             out[f"attention_w{w}"] = lambda w=w: sparse_attention(
-                self.q, self.k, self.v, qu, qscal, self.codes, self.factor, self.r2t, plan, thr, ws.partial_out,
-                ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, sm, num_warps=w)
+                self.q, self.k, self.v, ws.logits, ws.index, self.r2t, plan, thr, ws.partial_out,
+                ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, num_warps=w)
         out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, self.out, nc + 1)
         return out
 
@@ -218,13 +218,15 @@ def main():
                     t_graph = graph_time(fn)
                     t_score = bench(s.stages(args.top_p, warps=(4,))["score_w4"])
                     code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
-                    our_bytes = 2 * code_bytes + kept * 2 * d * 2
+                    logit_bytes = bs * hq * ctx * 2  # fp16 logits: written by the score pass, read to select
+                    score_bytes = code_bytes + logit_bytes
+                    our_bytes = score_bytes + logit_bytes + kept * 2 * d * 2
                     row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,
                                target_budget=budget, budget=real_budget, top_p=args.top_p,
                                flashinfer_us=dense.get("flashinfer"), triton_us=dense.get("triton"),
                                dense_us=dense_us, rabitq_us=t, rabitq_graph_us=t_graph,
                                speedup=dense_us / t, speedup_graph=dense_us / t_graph,
-                               score_us=t_score, score_gbps=code_bytes / (t_score / 1e6) / 1e9,
+                               score_us=t_score, score_gbps=score_bytes / (t_score / 1e6) / 1e9,
                                gbps=our_bytes / (t / 1e6) / 1e9, dense_gbps=dense_bytes / (dense_us / 1e6) / 1e9)
                     row["score_bw_fraction"] = row["score_gbps"] / bw
                     rows.append(row)

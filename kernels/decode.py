@@ -30,12 +30,19 @@ def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int
 
 class DecodePlan:
     """Per request of a decode batch (int32 rows): req pool index, sink end S', scored-region
-    end E, chunk length, sequence length L. See ``reference.decode_regions`` for S' and E."""
+    end E, chunk length, sequence length L, and ``work``: where the request's rows start in the
+    workspace's per-token buffers (see ``reference.decode_regions`` for S' and E).
 
-    FIELDS = 5
+    A request whose rows would pass the workspace's ``capacity`` (tokens) is planned with an
+    empty scored region: it attends densely, correct and slower.
+    """
 
-    def __init__(self, max_bs: int, device):
+    FIELDS = 6
+
+    def __init__(self, max_bs: int, capacity: int, device):
         self.rows = torch.zeros(max_bs, self.FIELDS, dtype=torch.int32, device=device)
+        self.capacity = capacity
+        self.overflow = torch.zeros((), dtype=torch.int64, device=device)  # requests of the last fill planned dense
 
     def fill(
         self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, encoded_lens: torch.Tensor,
@@ -48,8 +55,15 @@ class DecodePlan:
         scored = score_end - sink_end
         per_chunk = torch.clamp((scored + num_chunks - 1) // num_chunks, min=1)
         chunk_len = (per_chunk + CHUNK_ALIGN - 1) // CHUNK_ALIGN * CHUNK_ALIGN
+        row_len = torch.where(scored > 0, chunk_len * num_chunks, 0)
+        end = torch.cumsum(row_len, 0, dtype=torch.int64)
+        fits = end <= self.capacity
+        sink_end = torch.where(fits, sink_end, 0)
+        score_end = torch.where(fits, score_end, 0)
+        work = torch.where(fits, end - row_len, 0).to(torch.int32)
+        self.overflow.copy_((~fits).sum())
         rows = self.rows[:bsz]
-        rows.copy_(torch.stack([req_pool_indices.to(torch.int32), sink_end, score_end, chunk_len, length], dim=1))
+        rows.copy_(torch.stack([req_pool_indices.to(torch.int32), sink_end, score_end, chunk_len, length, work], dim=1))
         return rows
 
 
@@ -57,16 +71,23 @@ class DecodeWorkspace:
     """Scratch buffers of the decode kernels, sized once for the largest batch (CUDA-graph stable)."""
 
     def __init__(self, max_bs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 max_context: int, device, num_sms: int | None = None):
+                 max_context: int, device, num_sms: int | None = None, max_tokens: int | None = None):
+        """``max_tokens``: total context of a batch the sparse path holds (default ``max_bs *
+        max_context``, always enough); requests beyond it attend densely (``DecodePlan``)."""
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
         self.num_q_heads, self.num_kv_heads, self.max_context, self.num_sms = num_q_heads, num_kv_heads, max_context, num_sms
         most = max(b * chunks_for_batch(b, num_kv_heads, max_context, num_sms) for b in range(1, max_bs + 1))
         parts = most + max_bs  # + one sink/window program per request
+        # chunk rows are whole CHUNK_ALIGN blocks: at most that much padding per chunk
+        capacity = (max_bs * max_context if max_tokens is None else max_tokens) + most * CHUNK_ALIGN
         f32 = dict(dtype=torch.float32, device=device)
-        self.plan = DecodePlan(max_bs, device)
+        self.plan = DecodePlan(max_bs, capacity, device)
         self.qu = torch.empty(max_bs, num_q_heads, head_dim, dtype=torch.int8, device=device)
         self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
+        self.qbits = torch.empty(max_bs, num_q_heads, 4, head_dim // 32, dtype=torch.int32, device=device)
+        self.logits = torch.empty(capacity * num_q_heads, dtype=torch.float16, device=device)
+        self.index = torch.empty(capacity * num_kv_heads, dtype=torch.int32, device=device)
         self.thr = torch.empty(max_bs, num_q_heads, **f32)
         self.stats = ChunkStats(most * num_q_heads, device)
         self.partial_out = torch.empty(parts * num_q_heads, head_dim, **f32)
@@ -97,13 +118,13 @@ def rabitq_decode_layer(
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
-    qu, qscal, thr = ws.qu[:bsz], ws.qscal[:bsz], ws.thr[:bsz]
-    score_scale = sm_scale * score_temperature
+    qu, qscal, qbits, thr = ws.qu[:bsz], ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
     if not dense:
-        prepare_query(q, rot, qu, qscal, ws.seed, rounding)
-        score_chunks(qu, qscal, codes, factor, req_to_token, plan, ws.stats, score_scale, k_buf.shape[1], nc)
+        prepare_query(q, rot, qu, qscal, qbits, ws.seed, rounding)
+        score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
+                     sm_scale * score_temperature, k_buf.shape[1], nc)
         top_p_threshold(ws.stats, thr, top_p, nc)
-    sparse_attention(q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
-                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N, score_scale)
+    sparse_attention(q, k_buf, v_buf, ws.logits, ws.index, req_to_token, plan, thr,
+                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)
     return out

@@ -1,55 +1,65 @@
-"""The binary x INT4 estimate of a block of tokens, shared by the score and attention kernels so
-both compute bit-identical logits (reference: ``estimate_int`` times the softmax scale)."""
+"""The binary x INT4 estimate of a block of tokens (reference: ``estimate_int`` times the softmax
+scale), computed once per decode step by the score pass.
+
+``<b, q_u> = sum_j 2^j popcount(b AND plane_j(q_u))`` on the packed words: no bit is unpacked, and
+the integer part is exact, so any two kernels computing it agree to the bit.
+"""
+
+import os
 
 import triton
 import triton.language as tl
 
+# the hardware popcount is PTX; Triton's interpreter (CPU tests) runs the portable version
+HW_POPCOUNT = os.environ.get("TRITON_INTERPRET") != "1"
+
 
 @triton.jit
-def _popcount(x):
-    """Set bits of each int32 (SWAR; every arithmetic shift is masked, so the sign bit is harmless)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return (x * 0x01010101) >> 24
+def popcount(x, HW: tl.constexpr):
+    """Set bits of each int32."""
+    if HW:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:  # SWAR; every arithmetic shift is masked, so the sign bit is harmless
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return (x * 0x01010101) >> 24
 
 
 @triton.jit
 def block_logits(
     codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-    qu, delta, qmin, qsum, sm_scale,
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
+    qbits_ptr, qrows, gmask, delta, qmin, qsum, sm_scale,
+    GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
 ):
     """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``.
 
-    ``qu [GP, D]`` int8 holds the INT4 queries (rows past the group are zero);
-    ``delta, qmin, qsum [GP]``. Invalid tokens get -inf.
+    ``qrows [GP]``: rows of the query planes ``[rows, 4, D // 32]``; ``delta, qmin, qsum [GP]``.
+    Invalid tokens get -inf.
     """
     WORDS: tl.constexpr = D // 32
-    offs_w = tl.arange(0, WORDS)
-    words = tl.load(codes_ptr + slots[None, :] * stride_cn + hkv * stride_ch + offs_w[:, None],
-                    mask=valid[None, :], other=0)  # [WORDS, BLOCK_N]
-    bits = (words[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1  # bit j of word w is dim 32 w + j
-    bits = tl.reshape(bits, (D, BLOCK_N)).to(tl.int8)
-    b_dot_q = tl.dot(qu, bits, out_dtype=tl.int32).to(tl.float32)  # <b, q_u>
-    popcount = tl.sum(_popcount(words), axis=0).to(tl.float32)
+    code = codes_ptr + slots * stride_cn + hkv * stride_ch
+    b_dot_q = tl.zeros((GP, BLOCK_N), tl.int32)
+    ones = tl.zeros((BLOCK_N,), tl.int32)
+    for w in tl.static_range(WORDS):
+        cw = tl.load(code + w, mask=valid, other=0)
+        ones += popcount(cw, HW)
+        for j in tl.static_range(4):
+            plane = tl.load(qbits_ptr + (qrows * 4 + j) * WORDS + w, mask=gmask, other=0)
+            b_dot_q += popcount(cw[None, :] & plane[:, None], HW) << j
     g = tl.load(factor_ptr + slots * stride_fn + hkv, mask=valid, other=0.0)
-    ip = (2.0 * delta[:, None] * b_dot_q + 2.0 * qmin[:, None] * popcount[None, :]
+    ip = (2.0 * delta[:, None] * b_dot_q.to(tl.float32) + 2.0 * qmin[:, None] * ones.to(tl.float32)[None, :]
           - (delta * qsum)[:, None] - D * qmin[:, None])
     return tl.where(valid[None, :], g[None, :] * ip * sm_scale, float("-inf"))
 
 
 @triton.jit
-def load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
-    """INT4 queries of kv-head ``hkv``'s query heads: ``qu [GP, D]`` and (delta, min, sum) ``[GP]``."""
-    offs_g = tl.arange(0, GP)
-    gmask = offs_g < GROUP
-    rows = b * HQ + hkv * GROUP + offs_g
-    qu = tl.load(qu_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0)
-    delta = tl.load(qscal_ptr + rows * 3 + 0, mask=gmask, other=0.0)
-    qmin = tl.load(qscal_ptr + rows * 3 + 1, mask=gmask, other=0.0)
-    qsum = tl.load(qscal_ptr + rows * 3 + 2, mask=gmask, other=0.0)
-    return qu, delta, qmin, qsum
+def load_group_scalars(qscal_ptr, qrows, gmask):
+    """(delta, min, sum of q_u) ``[GP]`` of the INT4 queries at ``qrows``."""
+    delta = tl.load(qscal_ptr + qrows * 3 + 0, mask=gmask, other=0.0)
+    qmin = tl.load(qscal_ptr + qrows * 3 + 1, mask=gmask, other=0.0)
+    qsum = tl.load(qscal_ptr + qrows * 3 + 2, mask=gmask, other=0.0)
+    return delta, qmin, qsum
 
 
 @triton.jit
@@ -61,6 +71,17 @@ def chunk_bounds(plan_ptr, b, c, PLAN_FIELDS: tl.constexpr):
     start = sink_end + c * chunk_len
     end = tl.minimum(start + chunk_len, score_end)
     return start, end
+
+
+@triton.jit
+def logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS: tl.constexpr):
+    """Offsets ``[heads]`` (int64) such that ``logits[offset + position]`` is that head's stored logit
+    of the token at ``position``: request ``b``'s rows start at ``work * HQ``, one row of
+    ``NC * chunk_len`` per head, indexed from the start of the scored region."""
+    sink_end = tl.load(plan_ptr + b * PLAN_FIELDS + 1)
+    chunk_len = tl.load(plan_ptr + b * PLAN_FIELDS + 3)
+    work = tl.load(plan_ptr + b * PLAN_FIELDS + 5).to(tl.int64)
+    return work * HQ + heads.to(tl.int64) * (NC * chunk_len) - sink_end
 
 
 def group_pad(group: int) -> int:

@@ -1,4 +1,5 @@
-"""Fused query rotation + INT4 quantization per (request, query head) (reference: ``quantize_query``)."""
+"""Fused query rotation + INT4 quantization per (request, query head) (reference: ``quantize_query``
+and ``query_planes``): the estimate kernels read the 4 bit-planes of the INT4 query."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def _prepare_query_kernel(
-    q_ptr, rot_ptr, qu_ptr, qscal_ptr, seed_ptr, stride_qb, stride_qh,
+    q_ptr, rot_ptr, qu_ptr, qscal_ptr, qbits_ptr, seed_ptr, stride_qb, stride_qh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, RANDOM: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -33,18 +34,26 @@ def _prepare_query_kernel(
     tl.store(qscal_ptr + row * 3 + 0, delta)
     tl.store(qscal_ptr + row * 3 + 1, qmin)
     tl.store(qscal_ptr + row * 3 + 2, tl.sum(qu, axis=0))
+    # bit-planes, packed like the codes (bit d -> word d // 32, position d % 32; the sum is an OR)
+    WORDS: tl.constexpr = D // 32
+    qi = tl.reshape(qu.to(tl.int32), (WORDS, 32))
+    offs_w = tl.arange(0, WORDS)
+    for j in tl.static_range(4):
+        words = tl.sum(((qi >> j) & 1) << tl.arange(0, 32)[None, :], axis=1)
+        tl.store(qbits_ptr + (row * 4 + j) * WORDS + offs_w, words)
 
 
 def prepare_query(
-    q: torch.Tensor, rot: torch.Tensor, qu: torch.Tensor, qscal: torch.Tensor,
+    q: torch.Tensor, rot: torch.Tensor, qu: torch.Tensor, qscal: torch.Tensor, qbits: torch.Tensor,
     seed: torch.Tensor | None = None, rounding: str = "nearest",
 ) -> None:
-    """``q [B, Hq, D]`` -> ``qu [B, Hq, D] int8`` and ``qscal [B, Hq, 3]`` = (delta, min, sum(qu))."""
+    """``q [B, Hq, D]`` -> ``qu [B, Hq, D] int8``, ``qscal [B, Hq, 3]`` = (delta, min, sum(qu)) and
+    ``qbits [B, Hq, 4, D // 32] int32`` (bit-planes of ``qu``)."""
     b, hq, d = q.shape
     random = rounding == "random"
     if random and seed is None:
         raise ValueError("randomized rounding needs a device seed tensor")
     _prepare_query_kernel[(b, hq)](
-        q, rot, qu, qscal, seed if random else qscal, q.stride(0), q.stride(1),
+        q, rot, qu, qscal, qbits, seed if random else qscal, q.stride(0), q.stride(1),
         HQ=hq, GROUP=hq // rot.shape[0], D=d, RANDOM=random,
     )

@@ -1,9 +1,11 @@
-"""Score pass: per chunk of a request's scored region and query head, the estimated logits' max
-and a histogram of token counts per bin (reference: ``hist_threshold``'s per-row statistics).
+"""Score pass: per chunk of a request's scored region and kv-head, the estimated logits of every
+query head of the group (written to the workspace in fp16, for the attention pass to select from),
+their max and a histogram of token counts per bin (reference: ``hist_threshold``'s per-row
+statistics, over the fp16 logits).
 
 Bins have width ``BIN_WIDTH`` on an absolute grid counted down from the chunk's top bin
-``floor(max / BIN_WIDTH)``, so chunks combine by shifting. Two passes over the chunk's codes
-(the second mostly from L2): the max first, so every token lands in its final bin at once.
+``floor(max / BIN_WIDTH)``, so chunks combine by shifting. The codes are read once: the
+histogram pass re-reads the chunk's own fp16 logits (from L2) once the max is known.
 No full-precision K is read.
 """
 
@@ -13,87 +15,90 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import block_logits, chunk_bounds, group_pad, load_group_query
+from sglang_rabitq.kernels.estimate import (
+    HW_POPCOUNT,
+    block_logits,
+    chunk_bounds,
+    group_pad,
+    load_group_scalars,
+    logit_rows,
+)
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
 NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens
-SCORE_BLOCK_N = 128  # tokens per inner block of the score pass
-
-
-@triton.jit
-def _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn, stride_r2t,
-           qu, delta, qmin, qsum, sm_scale, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Positions ``[n0, n0 + BLOCK_N)`` of request row ``rpi``: which are ``< end``, and their logits."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    valid = pos < end
-    slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-    lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                      qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
-    return valid, lg
+SCORE_BLOCK_N = 128  # tokens per inner block of the estimate
+HIST_BLOCK_N = 512  # logits per inner block of the histogram
 
 
 @triton.jit
 def _score_kernel(
-    qu_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr,
+    qbits_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
     cmax_ptr, ctop_ptr, ccount_ptr,
     sm_scale, stride_cn, stride_ch, stride_fn, stride_r2t, HQ, NC,
-    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
+    NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, HW: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     c = tl.program_id(2)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < GROUP
-    out_rows = (b * HQ + hkv * GROUP + offs_g) * NC + c
+    heads = hkv * GROUP + offs_g
+    qrows = b * HQ + heads
     start, end = chunk_bounds(plan_ptr, b, c, PLAN_FIELDS)
     rpi = tl.load(plan_ptr + b * PLAN_FIELDS + 0).to(tl.int64)
-    qu, delta, qmin, qsum = load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP, GP, D)
+    rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
+    delta, qmin, qsum = load_group_scalars(qscal_ptr, qrows, gmask)
     m = tl.full((GP,), float("-inf"), tl.float32)  # stays -inf for an empty chunk: skipped later
     for n0 in range(start, end, BLOCK_N):
-        valid, lg = _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn,
-                           stride_r2t, qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
-        m = tl.maximum(m, tl.max(lg, axis=1))
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
+        lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
+                          qbits_ptr, qrows, gmask, delta, qmin, qsum, sm_scale, GP, D, BLOCK_N, HW)
+        lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
+        tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
+        m = tl.maximum(m, tl.max(lg.to(tl.float32), axis=1))
     top = tl.where(m > float("-inf"), tl.floor(m / BIN_W), 0.0).to(tl.int32)
-    offs_j = tl.arange(0, NB)
-    count = tl.zeros((GP, NB), tl.int32)
-    for n0 in range(start, end, BLOCK_N):
-        valid, lg = _block(codes_ptr, factor_ptr, r2t_ptr, rpi, n0, end, hkv, stride_cn, stride_ch, stride_fn,
-                           stride_r2t, qu, delta, qmin, qsum, sm_scale, D, BLOCK_N)
-        lg = tl.where(valid[None, :], lg, 0.0)
-        k = top[:, None] - tl.floor(lg / BIN_W).to(tl.int32)  # bin counted down from the top
-        inside = valid[None, :] & (k >= 0) & (k < NB)
-        for g in tl.static_range(GROUP):
-            row = offs_g[:, None] == g
-            kg = tl.sum(tl.where(row, k, 0), axis=0)
-            ig = tl.max(tl.where(row, inside.to(tl.int32), 0), axis=0) > 0
-            hist = tl.histogram(kg, NB, mask=ig)
-            count += tl.where(row, hist[None, :], 0)
+    out_rows = qrows * NC + c
     tl.store(cmax_ptr + out_rows, m, mask=gmask)
     tl.store(ctop_ptr + out_rows, tl.where(m > float("-inf"), top, NO_BIN), mask=gmask)
-    hist_mask = gmask[:, None] & (end > start)
-    tl.store(ccount_ptr + out_rows[:, None] * NB + offs_j[None, :], count, mask=hist_mask)
+    tl.debug_barrier()  # this program's logit stores are visible to all its threads
+    offs_j = tl.arange(0, NB)
+    for g in tl.static_range(GROUP):
+        top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
+        row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
+        count = tl.zeros((NB,), tl.int32)
+        for n0 in range(start, end, HBLOCK):
+            pos = n0 + tl.arange(0, HBLOCK)
+            valid = pos < end
+            lg = tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
+            k = top_g - tl.floor(lg / BIN_W).to(tl.int32)  # bin counted down from the top
+            count += tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))
+        tl.store(ccount_ptr + (b * HQ + hkv * GROUP + g) * NC * NB + c * NB + offs_j, count, mask=end > start)
 
 
 def score_chunks(
-    qu: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
-    req_to_token: torch.Tensor, plan: torch.Tensor, stats: "ChunkStats", sm_scale: float,
-    num_kv_heads: int, num_chunks: int, num_warps: int = 4,
+    qbits: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
+    req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
+    sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int = 4,
 ) -> None:
-    """Fill ``stats`` for every (request, query head, chunk) of the plan's scored regions."""
-    bsz, hq, d = qu.shape
+    """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
+    head, chunk) of the plan's scored regions."""
+    bsz, hq = qbits.shape[:2]
+    d = qbits.shape[-1] * 32
     group = hq // num_kv_heads
     nc = num_chunks
-    if not (qu.is_contiguous() and qscal.is_contiguous()):
-        raise ValueError("qu and qscal must be contiguous")
+    if not (qbits.is_contiguous() and qscal.is_contiguous()):
+        raise ValueError("qbits and qscal must be contiguous")
     if bsz * hq * nc > stats.capacity:
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
     _score_kernel[(bsz, num_kv_heads, nc)](
-        qu, qscal, codes, factor, req_to_token, plan,
+        qbits, qscal, codes, factor, req_to_token, plan, logits,
         stats.max, stats.top, stats.count,
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
-        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N,
-        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], num_warps=num_warps,
+        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
+        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], HW=HW_POPCOUNT, num_warps=num_warps,
     )
 
 

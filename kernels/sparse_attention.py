@@ -2,9 +2,10 @@
 window, split over the score pass's chunks, merged by log-sum-exp (reference:
 ``sparse_decode_attention``).
 
-Program ``c < NC`` re-estimates its chunk's logits (bit-identical to the score pass), keeps the
-tokens at or above any of its query heads' thresholds (the GQA union) and reads K/V of those rows
-only. Program ``c == NC`` attends the sink ``[0, S')`` and the window ``[E, L)``.
+Program ``c < NC`` reads its chunk's stored logits, keeps the tokens at or above any of its query
+heads' thresholds (the GQA union), compacts their slots into its slice of the workspace, then
+attends over the compacted list in full blocks: its work falls with the budget. Program
+``c == NC`` attends the sink ``[0, S')`` and the window ``[E, L)``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,40 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import block_logits, chunk_bounds, group_pad, load_group_query
+from sglang_rabitq.kernels.estimate import chunk_bounds, group_pad, logit_rows
 
 # Triton's interpreter multiplies bf16 tiles as raw integers: run its dots in fp32 instead
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SELECT_BLOCK_N = 256  # logits per inner block of the selection
+
+
+@triton.jit
+def _attend_block(q, k_ptr, v_ptr, slots, keep, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
+                  m_i, l_i, acc, sm_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online-softmax update of ``(m, l, acc)`` with the kept tokens at ``slots``."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_ptr + slots[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=keep[:, None], other=0.0)
+    vv = tl.load(v_ptr + slots[:, None] * stride_vn + hkv * stride_vh + offs_d[None, :], mask=keep[:, None], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        vv = vv.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * sm_scale
+    s = tl.where(keep[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m_i - m_ref)
+    p = tl.exp(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, v_ptr, qu_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, thr_ptr,
+    q_ptr, k_ptr, v_ptr, logit_ptr, index_ptr, r2t_ptr, plan_ptr, thr_ptr,
     po_ptr, plse_ptr, count_ptr,
-    sm_scale, score_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_cn, stride_ch, stride_fn, stride_r2t, HQ, HKV, NC,
-    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    sm_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t, HQ, HKV, NC,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SEL_N: tl.constexpr,
     DENSE: tl.constexpr, PLAN_FIELDS: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -40,61 +62,61 @@ def _sparse_attention_kernel(
     rpi = tl.load(plan_ptr + b * PLAN_FIELDS + 0).to(tl.int64)
     sink_end = tl.load(plan_ptr + b * PLAN_FIELDS + 1)
     score_end = tl.load(plan_ptr + b * PLAN_FIELDS + 2)
+    chunk_len = tl.load(plan_ptr + b * PLAN_FIELDS + 3)
     length = tl.load(plan_ptr + b * PLAN_FIELDS + 4)
-    chunk_start, chunk_end = chunk_bounds(plan_ptr, b, c, PLAN_FIELDS)
+    work = tl.load(plan_ptr + b * PLAN_FIELDS + 5).to(tl.int64)
     is_chunk = c < NC
-    # virtual token index v -> position: a chunk maps v to itself; the last program walks the
-    # sink and then jumps over the scored region into the window
-    lo_v = tl.where(is_chunk, chunk_start, 0)
-    hi_v = tl.where(is_chunk, chunk_end, sink_end + length - score_end)
-    jump_at = tl.where(is_chunk, hi_v, sink_end)
-    jump = score_end - sink_end
+    chunk_start, chunk_end = chunk_bounds(plan_ptr, b, c, PLAN_FIELDS)
+    chunk_end = tl.where(is_chunk, chunk_end, chunk_start)  # the last program selects nothing
 
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     thr = tl.load(thr_ptr + b * HQ + heads, mask=gmask, other=float("inf"))
-    qu, delta, qmin, qsum = load_group_query(qu_ptr, qscal_ptr, b, hkv, HQ, GROUP, GP, D)
+    rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
+    # this program's slice of the index workspace: request rows of NC * chunk_len per kv-head
+    index = index_ptr + work * HKV + hkv * (NC * chunk_len) + c * chunk_len - chunk_start
     m_i = tl.full((GP,), float("-inf"), tl.float32)
     l_i = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
-    n_kept = tl.sum(tl.zeros((BLOCK_N,), tl.int32), axis=0)
-    for v0 in range(lo_v, hi_v, BLOCK_N):
+
+    # 1. select: the slots of kept tokens, in order, at index[chunk_start : chunk_start + n]
+    n = chunk_start + tl.sum(tl.zeros((SEL_N,), tl.int32), axis=0)
+    for n0 in range(chunk_start, chunk_end, SEL_N):
+        pos = n0 + tl.arange(0, SEL_N)
+        valid = pos < chunk_end
+        if DENSE:
+            keep = valid
+        else:
+            lg = tl.load(logit_ptr + rows[:, None] + pos[None, :], mask=gmask[:, None] & valid[None, :],
+                         other=float("-inf")).to(tl.float32)
+            keep = valid & (tl.max((lg >= thr[:, None]).to(tl.int32), axis=0) > 0)
+        slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=keep, other=0)
+        at = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(index + at, slots, mask=keep)
+        n += tl.sum(keep.to(tl.int32), axis=0)
+    tl.debug_barrier()  # this program's index stores are visible to all its threads
+    # 2. attend the compacted list in full blocks
+    for i0 in range(chunk_start, n, BLOCK_N):
+        i = i0 + tl.arange(0, BLOCK_N)
+        ok = i < n
+        slots = tl.load(index + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, ok, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
+                                      m_i, l_i, acc, sm_scale, D, DOT_F32)
+    # 3. the last program: the sink, then (jumping over the scored region) the window
+    hi_v = tl.where(is_chunk, 0, sink_end + length - score_end)
+    for v0 in range(0, hi_v, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < hi_v
-        pos = v + tl.where(v >= jump_at, jump, 0)
+        pos = v + tl.where(v >= sink_end, score_end - sink_end, 0)
         slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-        keep = valid
-        if not DENSE:
-            if is_chunk:
-                lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                                  qu, delta, qmin, qsum, score_scale, D, BLOCK_N)
-                over = (lg >= thr[:, None]) & gmask[:, None]
-                keep = valid & (tl.max(over.to(tl.int32), axis=0) > 0)
-        n_block = tl.sum(keep.to(tl.int32), axis=0)
-        n_kept += n_block
-        if n_block > 0:  # a block with no kept token reads nothing and computes nothing
-            # masked rows issue no memory traffic: K/V are read for kept tokens only
-            k = tl.load(k_ptr + slots[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=keep[:, None], other=0.0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
-            s = tl.where(keep[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_ref)
-            p = tl.exp(s - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vv = tl.load(v_ptr + slots[:, None] * stride_vn + hkv * stride_vh + offs_d[None, :], mask=keep[:, None], other=0.0)
-            if DOT_F32:
-                vv = vv.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
-            m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, valid, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
+                                      m_i, l_i, acc, sm_scale, D, DOT_F32)
     part = (b * HQ + heads) * (NC + 1) + c
     has = l_i > 0
     tl.store(po_ptr + part[:, None] * D + offs_d[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=gmask[:, None])
     tl.store(plse_ptr + part, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=gmask)
-    tl.store(count_ptr + (b * HKV + hkv) * (NC + 1) + c, n_kept)
+    tl.store(count_ptr + (b * HKV + hkv) * (NC + 1) + c, n - chunk_start + hi_v)
 
 
 @triton.jit
@@ -122,22 +144,25 @@ def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
 
 
 def sparse_attention(
-    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, qu: torch.Tensor, qscal: torch.Tensor,
-    codes: torch.Tensor, factor: torch.Tensor, req_to_token: torch.Tensor, plan: torch.Tensor,
-    thr: torch.Tensor, partial_out: torch.Tensor, partial_lse: torch.Tensor, kept: torch.Tensor,
-    sm_scale: float, num_chunks: int, dense: bool, block_n: int = 64, score_scale: float | None = None,
-    num_warps: int = 4,
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
+    req_to_token: torch.Tensor, plan: torch.Tensor, thr: torch.Tensor, partial_out: torch.Tensor,
+    partial_lse: torch.Tensor, kept: torch.Tensor, sm_scale: float, num_chunks: int, dense: bool,
+    block_n: int = 64, num_warps: int = 4,
 ) -> None:
-    """Partial outputs ``[B * Hq * (NC + 1), D]`` and their log-sum-exp for ``merge_partials``."""
+    """Partial outputs ``[B * Hq * (NC + 1), D]`` and their log-sum-exp for ``merge_partials``.
+
+    ``logits``: the score pass's fp16 logits; ``index``: int32 workspace of the compacted slots
+    (both laid out per the plan's ``work`` offsets). ``dense`` keeps every token of the chunks.
+    """
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
     group = hq // hkv
     _sparse_attention_kernel[(bsz, hkv, num_chunks + 1)](
-        q, k_buf, v_buf, qu, qscal, codes, factor, req_to_token, plan, thr,
+        q, k_buf, v_buf, logits, index, req_to_token, plan, thr,
         partial_out, partial_lse, kept,
-        sm_scale, sm_scale if score_scale is None else score_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, hkv, num_chunks,
-        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n,
+        sm_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0), hq, hkv, num_chunks,
+        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n, SEL_N=SELECT_BLOCK_N,
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, num_warps=num_warps,
     )
 

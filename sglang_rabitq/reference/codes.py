@@ -112,6 +112,13 @@ def quantize_query(
     return q_u, delta, qmin
 
 
+def query_planes(q_u: torch.Tensor) -> torch.Tensor:
+    """The 4 bit-planes of INT4 queries ``q_u [..., D]`` packed like codes: ``[..., 4, D // 32]`` int32
+    (plane j holds bit j of every ``q_u[d]``), so ``<b, q_u> = sum_j 2^j popcount(b AND plane_j)``."""
+    qi = q_u.to(torch.int64)
+    return torch.stack([pack_bits(((qi >> j) & 1).bool()) for j in range(4)], dim=-2)
+
+
 def estimate_int(
     codes: torch.Tensor, factor: torch.Tensor, q_u: torch.Tensor, delta: torch.Tensor, qmin: torch.Tensor
 ) -> torch.Tensor:
