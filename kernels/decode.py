@@ -18,6 +18,9 @@ from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attent
 
 BLOCK_N = 64  # tokens per inner block of the attention kernel
 CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
+# the sparse path's per-token workspace holds this many tokens per KV-pool slot: room for requests
+# that share prefixes (their contexts count once per request); beyond it, requests attend densely
+WORKSPACE_TOKENS_PER_SLOT = 2
 # many short programs hide the latency of the gathers (slot -> code -> K/V) better than few long ones
 PROGRAMS_PER_SM = 16
 
@@ -26,6 +29,11 @@ def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int
     """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks."""
     want = triton.cdiv(PROGRAMS_PER_SM * num_sms, bsz * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context, 2 * CHUNK_ALIGN)))
+
+
+def workspace_bytes_per_slot(num_q_heads: int, num_kv_heads: int) -> int:
+    """Bytes of the per-token workspace (fp16 logits per query head, an int32 index per kv-head) per KV-pool slot."""
+    return WORKSPACE_TOKENS_PER_SLOT * (2 * num_q_heads + 4 * num_kv_heads)
 
 
 class DecodePlan:
@@ -97,6 +105,9 @@ class DecodeWorkspace:
 
     def num_chunks(self, bsz: int) -> int:
         return chunks_for_batch(bsz, self.num_kv_heads, self.max_context, self.num_sms)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
     def kept_tokens(self, bsz: int) -> torch.Tensor:
         """Tokens attended per (request, kv-head) by the last launch: ``[B, Hkv]``."""

@@ -81,7 +81,7 @@ def _score_kernel(
 def score_chunks(
     qbits: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
-    sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int = 4,
+    sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int = 2,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions."""

@@ -14,7 +14,7 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 @triton.jit
 def _threshold_kernel(
     cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, top_p, HQ, NC,
-    NCP: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
+    NCP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
 ):
     row = tl.program_id(0) * HQ + tl.program_id(1)
     base = row * NC
@@ -24,13 +24,17 @@ def _threshold_kernel(
     any_live = m > float("-inf")
     m0 = tl.where(any_live, m, 0.0)
     live = cm > float("-inf")
-    top = tl.max(tl.where(live, tl.load(ctop_ptr + base + offs_c, mask=live, other=NO_BIN), NO_BIN), axis=0)
+    top = tl.max(tl.load(ctop_ptr + base + offs_c, mask=live, other=NO_BIN), axis=0)
     offs_j = tl.arange(0, NB)
+    # sum the chunks' histograms, re-anchored to the global top bin, CB chunks per 2-D load
+    offs_cb = tl.arange(0, CB)
     count = tl.zeros((NB,), tl.int32)
-    for c in range(NC):  # sum the chunks' histograms, re-anchored to the global top bin
-        src = offs_j - (top - tl.load(ctop_ptr + base + c))
-        src = tl.where(tl.load(cmax_ptr + base + c) > float("-inf"), src, -1)  # an empty chunk adds nothing
-        count += tl.load(ccount_ptr + (base + c) * NB + src, mask=src >= 0, other=0)
+    for c0 in range(0, NC, CB):
+        c = c0 + offs_cb
+        live_c = tl.load(cmax_ptr + base + c, mask=c < NC, other=float("-inf")) > float("-inf")  # empty: adds nothing
+        src = offs_j[None, :] - (top - tl.load(ctop_ptr + base + c, mask=live_c, other=0))[:, None]
+        take = live_c[:, None] & (src >= 0)
+        count += tl.sum(tl.load(ccount_ptr + (base + c)[:, None] * NB + src, mask=take, other=0), axis=0)
     # a bin's mass: its count at the bin's middle logit (relative to exp(m))
     mass = count.to(tl.float32) * tl.exp((top - offs_j).to(tl.float32) * BIN_W + 0.5 * BIN_W - m0)
     cum = tl.cumsum(mass, axis=0)
@@ -57,5 +61,5 @@ def top_p_threshold(stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chun
     bsz, hq = thr.shape
     _threshold_kernel[(bsz, hq)](
         stats.max, stats.top, stats.count, thr, float(top_p), hq, num_chunks,
-        NCP=triton.next_power_of_2(num_chunks), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN,
+        NCP=triton.next_power_of_2(num_chunks), CB=min(32, triton.next_power_of_2(num_chunks)), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN,
     )

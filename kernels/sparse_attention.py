@@ -121,21 +121,21 @@ def _sparse_attention_kernel(
 
 @triton.jit
 def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
-                  D: tl.constexpr, BLOCK_P: tl.constexpr):
+                  D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * HQ + h) * NPART
+    offs = tl.arange(0, NPP)
+    m = tl.max(tl.load(plse_ptr + row + offs, mask=offs < NPART, other=float("-inf")), axis=0)
+    m_ref = tl.where(m > float("-inf"), m, 0.0)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, D)
-    m = tl.max(tl.full((BLOCK_P,), float("-inf"), tl.float32), axis=0)
-    for p0 in range(0, NPART, BLOCK_P):
-        m = tl.maximum(m, tl.max(tl.load(plse_ptr + row + p0 + offs_p, mask=p0 + offs_p < NPART, other=float("-inf")), axis=0))
-    m_ref = tl.where(m > float("-inf"), m, 0.0)
     acc = tl.zeros((D,), tl.float32)
     den = tl.sum(tl.zeros((BLOCK_P,), tl.float32), axis=0)
     for p0 in range(0, NPART, BLOCK_P):
         ok = p0 + offs_p < NPART
         w = tl.exp(tl.load(plse_ptr + row + p0 + offs_p, mask=ok, other=float("-inf")) - m_ref)
+        # an empty part (weight 0) is not read
         part = tl.load(po_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :], mask=ok[:, None] & (w[:, None] > 0), other=0.0)
         acc += tl.sum(w[:, None] * part, axis=0)
         den += tl.sum(w, axis=0)
@@ -172,5 +172,5 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: to
     bsz, hq, d = out.shape
     _merge_kernel[(bsz, hq)](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts,
-        D=d, BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
+        D=d, NPP=triton.next_power_of_2(num_parts), BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
     )

@@ -18,6 +18,7 @@ def _after_compute_cell_size(cell_size, self, kvc, num_layers):
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_rabitq.code_pool import code_bytes_per_token
+    from sglang_rabitq.kernels.decode import workspace_bytes_per_slot
     from sglang_rabitq.patches.server_args import config_from_server_args
 
     config, _ = config_from_server_args(kvc.server_args)
@@ -25,7 +26,8 @@ def _after_compute_cell_size(cell_size, self, kvc, num_layers):
     kv_heads = cfg.get_num_kv_heads(get_parallel().attn_tp_size)
     sparse = max(0, int(num_layers) - config.dense_layers)
     extra = code_bytes_per_token(sparse, kv_heads, cfg.head_dim)
-    logger.info("rabitq: code pool adds %d B per KV slot to %d B of K/V", extra, cell_size)
+    extra += workspace_bytes_per_slot(cfg.get_num_attention_heads(get_parallel().attn_tp_size), kv_heads)
+    logger.info("rabitq: code pool and decode workspace add %d B per KV slot to %d B of K/V", extra, cell_size)
     return cell_size + extra
 
 

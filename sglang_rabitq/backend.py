@@ -19,6 +19,7 @@ from sglang_rabitq.calibration import CenterCalibration
 from sglang_rabitq.code_pool import CodePool
 from sglang_rabitq.config import RaBitQConfig
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.kernels.decode import WORKSPACE_TOKENS_PER_SLOT
 from sglang_rabitq.model_check import check_runner
 from sglang_rabitq.planner import DecodePlanner, plan_extend
 from sglang_rabitq.request_budget import RequestBudgets
@@ -62,7 +63,8 @@ class RaBitQAttnBackend(AttentionBackend):
         max_bs = self.req_to_token.shape[0]
         self.pool = CodePool(config, num_slots, max_bs, num_layers, self.num_kv_heads, self.head_dim,
                              self.device, kv_head_offset=tp_rank * self.num_kv_heads)
-        self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device)
+        self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device,
+                                  max_tokens=WORKSPACE_TOKENS_PER_SLOT * num_slots)
         self.planner = DecodePlanner(self.pool, self.ws, max_bs, self.device)
         metrics = bool(getattr(model_runner.server_args, "enable_metrics", False))
         self.stats = RaBitQStats(self.device, metrics)
@@ -71,9 +73,10 @@ class RaBitQAttnBackend(AttentionBackend):
         self._extend_slots = None
         self.calibration = None if self.pool.calibrated else CenterCalibration(self.pool, config.calibrate_tokens)
         logger.info(
-            "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); dense prefill: %s",
+            "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); decode workspace "
+            "%.1f MiB; dense prefill: %s",
             config, len(self.pool.sparse_layers), num_layers, self.pool.nbytes() / 2**20, num_slots,
-            self.pool.nbytes() // max(num_slots, 1), type(dense_backend).__name__,
+            self.pool.nbytes() // max(num_slots, 1), self.ws.nbytes() / 2**20, type(dense_backend).__name__,
         )
 
     # ---- metadata -------------------------------------------------------------------------
@@ -114,6 +117,7 @@ class RaBitQAttnBackend(AttentionBackend):
                                     forward_batch.seq_lens[:bsz], mutate=mutate)
         if mutate:
             self.stats.add("codes_encoded", encoded)
+            self.stats.add("dense_fallback_requests", self.ws.plan.overflow)
             self.stats.maybe_log()
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):

@@ -113,10 +113,11 @@ def _ref_logits(batch, b, h_kv, group, q_u, delta, qmin, sink, window, sm_scale)
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (3, 1, 64)])
 @pytest.mark.parametrize("top_p", [0.8, 0.95])
-def test_score_and_threshold_match_reference(hq, hkv, d, top_p, fresh_seed):
+@pytest.mark.parametrize("nc", [3, 40])  # 40: more chunks than the threshold merges per load, many empty
+def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
     lens = [3000, 900, 200] if ON_GPU else [700, 300, 90]
     batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
-    sink, window, nc, sm = 16, 16, 3, d**-0.5
+    sink, window, sm = 16, 16, d**-0.5
     plan = _plan(batch, nc, sink, window)
     q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
     qbits = query_planes(q_u).contiguous().to(DEVICE)
@@ -207,6 +208,29 @@ def test_dense_layer_and_top_p_one_equal_dense_attention(hq, hkv, d, fresh_seed)
             ref = dense_decode_attention(batch.q[b].float(), batch.k_buf[slots].float(), batch.v_buf[slots].float(), 0.1)
             assert torch.allclose(out[b].float(), ref, atol=2e-2, rtol=2e-2)
         assert torch.equal(ws.kept_tokens(2).cpu(), torch.tensor(lens).view(2, 1).expand(2, hkv))
+
+
+def test_requests_past_the_workspace_attend_densely(fresh_seed):
+    """The plan's per-token buffers hold ``capacity`` tokens: the request that would pass it (and
+    every later one) gets an empty scored region, so it attends all its tokens, exactly."""
+    from sglang_rabitq.reference import dense_decode_attention
+
+    hq, hkv, d, lens = 4, 2, 64, [300, 700, 90]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens), DEVICE)
+    ws.plan.capacity = 400  # request 0 fits, request 1 would not
+    ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, 16, 16, ws.num_chunks(len(lens)))
+    assert int(ws.plan.overflow) == 2
+    out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                        batch.req_to_token, ws, out, sm_scale=d**-0.5, top_p=0.5)
+    kept = ws.kept_tokens(len(lens)).cpu()
+    assert (kept[0] < lens[0]).all()  # sparse
+    for b in (1, 2):
+        assert (kept[b] == lens[b]).all()
+        slots = batch.req_to_token[int(batch.req_pool_indices[b]), : lens[b]].long()
+        ref = dense_decode_attention(batch.q[b].float(), batch.k_buf[slots].float(), batch.v_buf[slots].float(), d**-0.5)
+        assert torch.allclose(out[b].float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @GPU
