@@ -121,6 +121,11 @@ def main():
             same = sum(a == b for a, b in zip(texts["dense"], texts["p1"]))
             check("top-p 1.0 greedy text identical to dense", same == len(convs), identical=same, of=len(convs),
                   mismatches=[(a, b) for a, b in zip(texts["dense"], texts["p1"]) if a != b][:3])
+        for name in ("sparse", "nograph"):  # a server that is not repeatable cannot match another one
+            if name in texts:
+                again = greedy_texts(servers[name], convs, args.max_tokens)
+                check(f"rabitq {name} repeat run identical (reported)", True,
+                      identical=sum(a == b for a, b in zip(texts[name], again)), of=len(convs))
         if "sparse" in texts and "nograph" in texts:
             same = sum(a == b for a, b in zip(texts["sparse"], texts["nograph"]))
             if "dense" in texts and "dense-nograph" in texts:

@@ -26,8 +26,13 @@ PROGRAMS_PER_SM = 16
 
 
 def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks."""
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, bsz * num_kv_heads)
+    """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks.
+
+    A function of the batch size's power-of-two bucket: a CUDA graph replays a batch padded up
+    to a captured size (SGLang captures every power of two), and the same chunks, hence the same
+    floating-point sums, give the same output with graphs on and off.
+    """
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, triton.next_power_of_2(bsz) * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context, 2 * CHUNK_ALIGN)))
 
 

@@ -29,13 +29,13 @@ def popcount(x, HW: tl.constexpr):
 @triton.jit
 def block_logits(
     codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-    qbits_ptr, qrows, gmask, delta, qmin, qsum, sm_scale,
+    qbits_ptr, qrows, gmask, a, b, c,
     GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
 ):
-    """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``.
+    """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``:
+    ``g * (a <b, q_u> + b popcount(b) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``.
 
-    ``qrows [GP]``: rows of the query planes ``[rows, 4, D // 32]``; ``delta, qmin, qsum [GP]``.
-    Invalid tokens get -inf.
+    ``qrows [GP]``: rows of the query planes ``[rows, 4, D // 32]``. Invalid tokens get -inf.
     """
     WORDS: tl.constexpr = D // 32
     code = codes_ptr + slots * stride_cn + hkv * stride_ch
@@ -48,18 +48,18 @@ def block_logits(
             plane = tl.load(qbits_ptr + (qrows * 4 + j) * WORDS + w, mask=gmask, other=0)
             b_dot_q += popcount(cw[None, :] & plane[:, None], HW) << j
     g = tl.load(factor_ptr + slots * stride_fn + hkv, mask=valid, other=0.0)
-    ip = (2.0 * delta[:, None] * b_dot_q.to(tl.float32) + 2.0 * qmin[:, None] * ones.to(tl.float32)[None, :]
-          - (delta * qsum)[:, None] - D * qmin[:, None])
-    return tl.where(valid[None, :], g[None, :] * ip * sm_scale, float("-inf"))
+    ip = a[:, None] * b_dot_q.to(tl.float32) + (b[:, None] * ones.to(tl.float32)[None, :] + c[:, None])
+    return tl.where(valid[None, :], g[None, :] * ip, float("-inf"))
 
 
 @triton.jit
-def load_group_scalars(qscal_ptr, qrows, gmask):
-    """(delta, min, sum of q_u) ``[GP]`` of the INT4 queries at ``qrows``."""
+def logit_constants(qscal_ptr, qrows, gmask, sm_scale, D: tl.constexpr):
+    """Per query head ``(a, b, c) [GP]``: the logit ``sm_scale * g * (2 delta <b, q_u> + 2 min popcount(b)
+    - delta sum(q_u) - D min)`` is ``g * (a <b, q_u> + b popcount(b) + c)``."""
     delta = tl.load(qscal_ptr + qrows * 3 + 0, mask=gmask, other=0.0)
     qmin = tl.load(qscal_ptr + qrows * 3 + 1, mask=gmask, other=0.0)
     qsum = tl.load(qscal_ptr + qrows * 3 + 2, mask=gmask, other=0.0)
-    return delta, qmin, qsum
+    return 2.0 * delta * sm_scale, 2.0 * qmin * sm_scale, -(delta * qsum + D * qmin) * sm_scale
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from sglang_rabitq.kernels.estimate import (
     block_logits,
     chunk_bounds,
     group_pad,
-    load_group_scalars,
+    logit_constants,
     logit_rows,
 )
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
@@ -48,17 +48,19 @@ def _score_kernel(
     start, end = chunk_bounds(plan_ptr, b, c, PLAN_FIELDS)
     rpi = tl.load(plan_ptr + b * PLAN_FIELDS + 0).to(tl.int64)
     rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
-    delta, qmin, qsum = load_group_scalars(qscal_ptr, qrows, gmask)
-    m = tl.full((GP,), float("-inf"), tl.float32)  # stays -inf for an empty chunk: skipped later
+    k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
+    # running max per (head, column), reduced across columns once after the loop
+    m = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
         lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                          qbits_ptr, qrows, gmask, delta, qmin, qsum, sm_scale, GP, D, BLOCK_N, HW)
+                          qbits_ptr, qrows, gmask, k_dot, k_ones, k_0, GP, D, BLOCK_N, HW)
         lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
         tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
-        m = tl.maximum(m, tl.max(lg.to(tl.float32), axis=1))
+        m = tl.maximum(m, lg.to(tl.float32))
+    m = tl.max(m, axis=1)  # stays -inf for an empty chunk: skipped later
     top = tl.where(m > float("-inf"), tl.floor(m / BIN_W), 0.0).to(tl.int32)
     out_rows = qrows * NC + c
     tl.store(cmax_ptr + out_rows, m, mask=gmask)

@@ -233,6 +233,27 @@ def test_requests_past_the_workspace_attend_densely(fresh_seed):
         assert torch.allclose(out[b].float(), ref, atol=2e-2, rtol=2e-2)
 
 
+def test_a_padding_row_does_not_change_the_other_rows_bits(fresh_seed):
+    """CUDA-graph replay pads a batch up to a captured size with rows of length 1: the real rows'
+    outputs must be bit-identical to the unpadded batch's (graphs on and off agree)."""
+    hq, hkv, d, lens = 4, 1, 64, [600, 260, 70]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    # few SMs and a long max context: the chunk count would differ between 3 and 4 rows
+    ws = DecodeWorkspace(4, hq, hkv, d, 4096, DEVICE, num_sms=1)
+    outs = []
+    for rows in (3, 4):
+        pad = rows - len(lens)
+        rpi = torch.cat([batch.req_pool_indices, torch.zeros(pad, dtype=batch.req_pool_indices.dtype, device=DEVICE)])
+        seq = torch.cat([batch.seq_lens, torch.ones(pad, dtype=batch.seq_lens.dtype, device=DEVICE)])
+        q = torch.cat([batch.q, batch.q[:pad]])
+        ws.plan.fill(rpi, seq, seq, 16, 16, ws.num_chunks(rows))
+        out = torch.full((rows, hq, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        rabitq_decode_layer(q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                            batch.req_to_token, ws, out, sm_scale=d**-0.5, top_p=0.9)
+        outs.append(out[: len(lens)])
+    assert torch.equal(outs[0], outs[1])
+
+
 @GPU
 def test_decode_step_replays_in_a_cuda_graph_bit_identically(fresh_seed):
     """Captured once, replayed on a new plan (other lengths, another budget): same bits as eager."""
