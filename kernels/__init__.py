@@ -1,9 +1,9 @@
 """Triton kernels of RaBitQ decode, each beside its plain-torch reference in sglang_rabitq.reference.
 
 Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
-``prepare_query`` (rotate + INT4) -> ``score_chunks`` (estimate, chunk max / sum-exp / histogram)
--> ``top_p_threshold`` (per query head) -> ``sparse_attention`` (select + exact attention, split
-over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
+``prepare_query`` (rotate + INT4 + bit-planes) -> ``score_chunks`` (estimate once, fp16 logits to the
+workspace, chunk max + histogram) -> ``top_p_threshold`` (per query head) -> ``sparse_attention``
+(select, compact, exact attention, split over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
 """
 
 from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer
