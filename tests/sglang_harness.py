@@ -110,11 +110,12 @@ class Harness:
         fb.token_to_kv_pool = self.kv_pool
         return fb
 
-    def run(self, backend, fb, n_tokens):
-        """One forward of every layer with fresh random q/k/v; returns the outputs per layer."""
+    def run(self, backend, fb, n_tokens, qkv=None):
+        """One forward of every layer; returns the outputs per layer. ``qkv(layer_id)`` gives the
+        layer's (q, k, v); by default they are fresh random tensors."""
         backend.init_forward_metadata(fb)
         outs = []
         for layer in self.layers:
-            q, k, v = self.rand_qkv(n_tokens)
+            q, k, v = self.rand_qkv(n_tokens) if qkv is None else qkv(layer.layer_id)
             outs.append((q, backend.forward(q, k, v, layer, fb)))
         return outs

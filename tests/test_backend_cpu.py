@@ -125,6 +125,50 @@ def test_chunked_prefill_then_decode():
     decode(h, b, row, 400)
 
 
+def test_decode_after_a_prefix_hit_is_bit_identical_to_decode_from_scratch():
+    """The same conversation, once on an empty cache and once after another request left part of
+    its prefix (and a lazily encoded tail) in the radix tree: every decode output is identical."""
+    n_pre, n_prompt, steps = 200, 300, 30
+    table = Harness()  # q/k/v per (layer, position) of the conversation
+    qkv = [table.rand_qkv(n_prompt + steps) for _ in table.layers]
+
+    def at(positions):
+        return lambda lid: tuple(t[positions] for t in qkv[lid])
+
+    def conversation(h, b):
+        tokens = list(range(7000, 7000 + n_prompt))
+        row, hit, _ = h.new_request(tokens)
+        h.run(b, h.extend_batch([row], [hit], [n_prompt], h.req_pool.req_to_token[row, hit:n_prompt].long()),
+              n_prompt - hit, qkv=at(slice(hit, n_prompt)))
+        outs = []
+        for i in range(steps):
+            slot = h.append_token(row, n_prompt + i)
+            outs.append(h.run(b, h.decode_batch([row], [n_prompt + i + 1], slot), 1, qkv=at(slice(n_prompt + i, n_prompt + i + 1))))
+        return hit, outs
+
+    h1, b1 = Harness(), None
+    b1 = make(h1)
+    _, fresh = conversation(h1, b1)
+
+    h2 = Harness(seed=1)
+    b2 = make(h2)
+    other = list(range(7000, 7000 + n_pre)) + list(range(100, 150))  # shares the first 200 tokens
+    row, _, _ = h2.new_request(other)
+    first = lambda lid: tuple(torch.cat([t[:n_pre], t2]) for t, t2 in zip(qkv[lid], h2.rand_qkv(50)))  # noqa: E731
+    h2.run(b2, h2.extend_batch([row], [0], [len(other)], h2.req_pool.req_to_token[row, : len(other)].long()),
+           len(other), qkv=first)
+    for i in range(20):  # its own decode tail, partly unencoded when it finishes
+        slot = h2.append_token(row, len(other) + i)
+        h2.run(b2, h2.decode_batch([row], [len(other) + i + 1], slot), 1)
+        other.append(9000 + i)
+    h2.finish(row, other)
+    hit, reused = conversation(h2, b2)
+    assert hit == n_pre  # the radix tree served the shared prefix
+    for step, (a, b) in enumerate(zip(fresh, reused)):
+        for lid, ((_, out_a), (_, out_b)) in enumerate(zip(a, b)):
+            assert torch.equal(out_a, out_b), (step, lid)
+
+
 def test_freed_and_reused_slot_is_never_read_with_a_stale_code():
     h = Harness(slots=700)
     b = make(h)

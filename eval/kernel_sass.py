@@ -1,0 +1,98 @@
+"""Instruction mix of a decode kernel's loops, compiled for an NVIDIA GPU on any machine (no GPU needed):
+Triton lowers the kernel for the given architecture, its bundled ptxas and nvdisasm give the SASS,
+and every loop (a label up to its backward branch) is summarized by opcode.
+
+    python eval/kernel_sass.py --kernel score --num-warps 2
+    python eval/kernel_sass.py --kernel attention --group 4 --head-dim 128
+
+Arguments that SGLang's pools make multiples of 16 elements (pointers, most strides) are compiled as
+such, as Triton's runtime specialization does; ``--not-aligned`` names those that are not (the code
+and factor strides of a shape with few kv-heads, by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
+from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _sparse_attention_kernel
+from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
+
+POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_ptr": "*fp16", "qscal_ptr": "*fp32",
+                 "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32"}
+
+
+def kernel_spec(name: str, group: int, head_dim: int):
+    gp = triton.next_power_of_2(group)
+    if name == "score":
+        consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, HW=True)
+        return _score_kernel, consts
+    consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
+                  DOT_F32=False)
+    return _sparse_attention_kernel, consts
+
+
+def compile_sass(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str]) -> str:
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = POINTER_TYPES.get(n, "*i32")
+        elif n in ("sm_scale", "score_scale"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if (sig[n].startswith("*") or n.startswith("stride")) and n not in not_aligned}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=aligned)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{fn.__name__}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return subprocess.run([str(nvdisasm), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
+def loops(sass: str):
+    """(first line, last line, opcode counts) of every loop: a label up to a branch back to it."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i - 1:  # (not the one-line end-of-kernel trap loop)
+            ops = collections.Counter(
+                o.group(1) for o in (re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x)
+                                     for x in lines[labels[m.group(1)]:i + 1]) if o)
+            yield labels[m.group(1)], i, ops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", choices=("score", "attention"), default="score")
+    ap.add_argument("--group", type=int, default=4, help="query heads per kv-head")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--not-aligned", default="stride_ch,stride_fn")
+    ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
+    args = ap.parse_args()
+    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim)
+    sass = compile_sass(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))))
+    for first, last, ops in loops(sass):
+        top = ", ".join(f"{n} {op}" for op, n in ops.most_common(args.top))
+        print(f"loop at SASS lines {first}-{last}: {sum(ops.values())} instructions: {top}")
+
+
+if __name__ == "__main__":
+    main()
