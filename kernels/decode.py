@@ -112,7 +112,9 @@ class DecodeWorkspace:
         return chunks_for_batch(bsz, self.num_kv_heads, self.max_context, self.num_sms)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        tensors += [self.plan.rows, self.stats.max, self.stats.top, self.stats.count]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def kept_tokens(self, bsz: int) -> torch.Tensor:
         """Tokens attended per (request, kv-head) by the last launch: ``[B, Hkv]``."""
