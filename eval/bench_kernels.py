@@ -94,8 +94,8 @@ class Setup:
         """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
         ws, bs, sm = self.ws, self.bs, self.d**-0.5
         nc = ws.num_chunks(bs)
-        qu, qscal, qbits, thr, plan = ws.qu[:bs], ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
-        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qu, qscal, qbits)}
+        qscal, qbits, thr, plan = ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
+        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qscal, qbits)}
         for w in warps:
             out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, self.codes, self.factor, self.r2t, plan, ws.logits,
                                                           ws.stats, sm, self.hkv, nc, num_warps=w)

@@ -96,7 +96,6 @@ class DecodeWorkspace:
         capacity = (max_bs * max_context if max_tokens is None else max_tokens) + most * CHUNK_ALIGN
         f32 = dict(dtype=torch.float32, device=device)
         self.plan = DecodePlan(max_bs, capacity, device)
-        self.qu = torch.empty(max_bs, num_q_heads, head_dim, dtype=torch.int8, device=device)
         self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
         self.qbits = torch.empty(max_bs, num_q_heads, 4, head_dim // 32, dtype=torch.int32, device=device)
         self.logits = torch.empty(capacity * num_q_heads, dtype=torch.float16, device=device)
@@ -136,9 +135,9 @@ def rabitq_decode_layer(
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
-    qu, qscal, qbits, thr = ws.qu[:bsz], ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
+    qscal, qbits, thr = ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
     if not dense:
-        prepare_query(q, rot, qu, qscal, qbits, ws.seed, rounding)
+        prepare_query(q, rot, qscal, qbits, ws.seed, rounding)
         score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      sm_scale * score_temperature, k_buf.shape[1], nc)
         top_p_threshold(ws.stats, thr, top_p, nc)

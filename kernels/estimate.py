@@ -10,8 +10,9 @@ import os
 import triton
 import triton.language as tl
 
-# the hardware popcount is PTX; Triton's interpreter (CPU tests) runs the portable version
-HW_POPCOUNT = os.environ.get("TRITON_INTERPRET") != "1"
+# Triton's interpreter (CPU tests) runs no PTX: the popcount there is the portable version
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HW_POPCOUNT = not INTERPRETED
 
 
 @triton.jit

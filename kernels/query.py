@@ -10,7 +10,7 @@ import triton.language as tl
 
 @triton.jit
 def _prepare_query_kernel(
-    q_ptr, rot_ptr, qu_ptr, qscal_ptr, qbits_ptr, seed_ptr, stride_qb, stride_qh,
+    q_ptr, rot_ptr, qscal_ptr, qbits_ptr, seed_ptr, stride_qb, stride_qh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, RANDOM: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -30,7 +30,6 @@ def _prepare_query_kernel(
         qu = tl.floor(scaled + 0.5)
     qu = tl.minimum(tl.maximum(qu, 0.0), 15.0)
     row = b * HQ + hq
-    tl.store(qu_ptr + row * D + offs_d, qu.to(tl.int8))
     tl.store(qscal_ptr + row * 3 + 0, delta)
     tl.store(qscal_ptr + row * 3 + 1, qmin)
     tl.store(qscal_ptr + row * 3 + 2, tl.sum(qu, axis=0))
@@ -44,16 +43,16 @@ def _prepare_query_kernel(
 
 
 def prepare_query(
-    q: torch.Tensor, rot: torch.Tensor, qu: torch.Tensor, qscal: torch.Tensor, qbits: torch.Tensor,
+    q: torch.Tensor, rot: torch.Tensor, qscal: torch.Tensor, qbits: torch.Tensor,
     seed: torch.Tensor | None = None, rounding: str = "nearest",
 ) -> None:
-    """``q [B, Hq, D]`` -> ``qu [B, Hq, D] int8``, ``qscal [B, Hq, 3]`` = (delta, min, sum(qu)) and
-    ``qbits [B, Hq, 4, D // 32] int32`` (bit-planes of ``qu``)."""
+    """``q [B, Hq, D]`` -> ``qscal [B, Hq, 3]`` = (delta, min, sum(q_u)) and the INT4 query ``q_u`` as
+    its bit-planes ``qbits [B, Hq, 4, D // 32] int32`` (``query_planes``)."""
     b, hq, d = q.shape
     random = rounding == "random"
     if random and seed is None:
         raise ValueError("randomized rounding needs a device seed tensor")
     _prepare_query_kernel[(b, hq)](
-        q, rot, qu, qscal, qbits, seed if random else qscal, q.stride(0), q.stride(1),
+        q, rot, qscal, qbits, seed if random else qscal, q.stride(0), q.stride(1),
         HQ=hq, GROUP=hq // rot.shape[0], D=d, RANDOM=random,
     )

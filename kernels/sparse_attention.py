@@ -10,16 +10,12 @@ attends over the compacted list in full blocks: its work falls with the budget. 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import chunk_bounds, group_pad, logit_rows
+from sglang_rabitq.kernels.estimate import INTERPRETED, chunk_bounds, group_pad, logit_rows
 
-# Triton's interpreter multiplies bf16 tiles as raw integers: run its dots in fp32 instead
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SELECT_BLOCK_N = 256  # logits per inner block of the selection
 
 
@@ -163,6 +159,7 @@ def sparse_attention(
         sm_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), hq, hkv, num_chunks,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n, SEL_N=SELECT_BLOCK_N,
+        # Triton's interpreter multiplies bf16 tiles as raw integers: its dots run in fp32
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, num_warps=num_warps,
     )
 

@@ -57,37 +57,41 @@ def test_encode_bit_exact(d, dtype, fresh_seed):
     assert (c_dev.cpu()[untouched] == 0x5A5A5A5A).all() and f_dev.cpu()[untouched].isnan().all()
 
 
+def _int4_from_planes(qbits: torch.Tensor) -> torch.Tensor:
+    """The INT4 query ``[..., D]`` whose bit-planes ``qbits [..., 4, D // 32]`` hold."""
+    return sum(unpack_bits(qbits[..., j, :]) << j for j in range(4))
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (7, 1)])
 def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
     b = 3
     q = torch.randn(b, hq, d).to(torch.bfloat16)
     rot = random_rotation(d, seed=fresh_seed, num_heads=hkv)
-    qu = torch.full((b, hq, d), 99, dtype=torch.int8, device=DEVICE)
     qscal = torch.full((b, hq, 3), float("nan"), device=DEVICE)
-    qbits = torch.full((b, hq, 4, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
-    prepare_query(q.to(DEVICE), rot.to(DEVICE), qu, qscal, qbits)
+    qbits = torch.full((b, hq, 4, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)  # poisoned
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qbits)
+    qu = _int4_from_planes(qbits.cpu())
     ref_qu, delta, qmin = quantize_query(q.float(), rot)
     assert torch.allclose(qscal[..., 0].cpu(), delta, rtol=1e-5) and torch.allclose(qscal[..., 1].cpu(), qmin, rtol=1e-5, atol=1e-6)
     # rounding may differ only where (q' - min) / delta sits on a .5 boundary
     rq = rotate(q.float(), rot.repeat_interleave(hq // hkv, 0))
     scaled = (rq - qmin[..., None]) / delta[..., None]
     tie = (scaled - scaled.floor() - 0.5).abs() < 1e-4
-    assert torch.equal(qu.cpu().int()[~tie], ref_qu[~tie])
-    assert torch.equal(qscal[..., 2].cpu(), qu.cpu().float().sum(-1))
-    assert torch.equal(qbits.cpu(), query_planes(qu.cpu()))  # the planes of the INT4 query written
+    assert torch.equal(qu.int()[~tie], ref_qu[~tie])
+    assert torch.equal(qscal[..., 2].cpu(), qu.float().sum(-1))
 
 
 def test_prepare_query_random_rounding_is_unbiased():
     d, n = 64, (4096 if ON_GPU else 256)
     q = torch.randn(1, 1, d).expand(n, 1, d).contiguous()
     rot = torch.eye(d).view(1, d, d)
-    qu = torch.empty(n, 1, d, dtype=torch.int8, device=DEVICE)
     qscal = torch.empty(n, 1, 3, device=DEVICE)
     qbits = torch.empty(n, 1, 4, d // 32, dtype=torch.int32, device=DEVICE)
-    prepare_query(q.to(DEVICE), rot.to(DEVICE), qu, qscal, qbits, torch.tensor([1234], device=DEVICE), "random")
-    deq = qscal[:, 0, 0:1].cpu() * qu[:, 0].cpu().float() + qscal[:, 0, 1:2].cpu()
-    assert (qu.cpu() != qu.cpu()[0]).any()  # draws differ across rows
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qbits, torch.tensor([1234], device=DEVICE), "random")
+    qu = _int4_from_planes(qbits.cpu())
+    deq = qscal[:, 0, 0:1].cpu() * qu[:, 0].float() + qscal[:, 0, 1:2].cpu()
+    assert (qu != qu[0]).any()  # draws differ across rows
     step = float(qscal[0, 0, 0])
     assert torch.allclose(deq.mean(0), q[0, 0], atol=5 * step / math.sqrt(n))
 
