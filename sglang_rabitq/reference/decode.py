@@ -15,7 +15,7 @@ import torch
 
 from sglang_rabitq.reference.attention import sparse_decode_attention
 from sglang_rabitq.reference.codes import estimate_int, quantize_query
-from sglang_rabitq.reference.select import top_p_mask, top_p_mask_hist
+from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE, top_p_mask, top_p_mask_hist
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def rabitq_decode(
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
 
-    ``selector="hist"`` mirrors the kernels; ``"exact"`` uses the minimal sort-based top-p set.
+    ``selector="hist"`` mirrors the kernels (histogram threshold over the logits rounded to the
+    kernels' storage dtype); ``"exact"`` uses the minimal sort-based top-p set on full-precision logits.
     ``dense=True`` attends every token (the layers kept dense). Selection uses the estimated logits
     times ``score_temperature``; attention uses ``sm_scale``.
     """
@@ -83,6 +84,10 @@ def rabitq_decode(
                         for qh in range(h * group, (h + 1) * group)
                     ]
                 )
+                if selector == "hist":
+                    # the histogram's bins, and so the set, move when a logit crosses a bin edge:
+                    # select from the values the kernels select from
+                    logits = logits.to(LOGIT_STORAGE_DTYPE)
                 chosen = scored[select(logits, top_p).any(0)]
             per_head.append(torch.sort(torch.cat([always, chosen])).values)
         out[b] = sparse_decode_attention(q[b], k_buf, v_buf, per_head, sm_scale)

@@ -25,6 +25,7 @@ from sglang_rabitq.validation import check_top_p
 BIN_WIDTH = 0.25  # logit units per bin
 HIST_BINS = 64  # bins counted down from the maximum's: 16 logit units
 SMALL_BIN = 16  # a crossing bin with at most this many tokens is kept whole
+LOGIT_STORAGE_DTYPE = torch.float16  # the kernels store estimated logits, and select from them, in this
 
 
 def _masked_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
