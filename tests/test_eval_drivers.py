@@ -2,7 +2,7 @@
 
 The fake speaks the endpoints the drivers use: /health_generate, /server_info, /flush_cache, /metrics
 (Prometheus text with SGLang's and, for --attention-backend rabitq, the rabitq counters), streaming and plain
-/v1/chat/completions, and streaming /generate. Answers are read out of the prompt (so scores are not trivial);
+/v1/chat/completions, /v1/completions, and streaming /generate. Answers are read out of the prompt (so scores are not trivial);
 the rabitq fake gets every fifth answer wrong so agreement < 1 is visible.
 """
 
@@ -133,9 +133,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/flush_cache"):
             with Fake.lock:
                 Fake.prompts.clear()
+            print("flush_cache", flush=True)
             self._send(200, "")
         elif self.path.startswith("/v1/chat/completions"):
             self.chat(body)
+        elif self.path.startswith("/v1/completions"):
+            words = fake_answer(body["prompt"], body["prompt"]).split(" ")[: body.get("max_tokens", 16)]
+            batch_done()
+            self._send(200, json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": "fake",
+                                        "choices": [{"index": 0, "text": " ".join(words), "finish_reason": "stop"}]}))
         elif self.path.startswith("/generate"):
             self.generate(body)
         else:
@@ -185,6 +191,7 @@ def serve():
     args, _ = ap.parse_known_args()
     Fake.backend, Fake.top_p = args.attention_backend, args.rabitq_top_p
     print("fake sglang", sys.argv, flush=True)
+    print("max_total_num_tokens=50000", flush=True)  # what SGLang logs once its KV pool is sized
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 
@@ -194,7 +201,7 @@ if __name__ != "__main__":
     import pytest
 
     sys.path.insert(0, str(ROOT))
-    from eval import accuracy, bench_decode, prefix_sharing, summary  # noqa: E402
+    from eval import accuracy, bench_decode, e2e_smoke, prefix_sharing, summary  # noqa: E402
     from eval import server as eval_server  # noqa: E402
     from eval.server import Server  # noqa: E402
 
@@ -285,6 +292,24 @@ if __name__ != "__main__":
         assert data["agreement"]["overall"]["compared"] + data["agreement"]["overall"]["diverged_inputs"] == 6 * 2 + 2 * 3
         assert dense["repeat"]["self_exact"] == 1.0
         assert res["summary"]["dense_tpot_ms"] > 0 and res["summary"]["codes_reused"] > 0
+
+    def test_e2e_smoke_driver_compares_passes_from_an_empty_cache(fake, tmp_path):
+        out = tmp_path / "e2e_smoke.json"
+        res = e2e_smoke.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--prompts", "5",
+                              "--max-tokens", "8"])
+        checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
+        assert list(checks) == [c["check"] for c in res["checks"]]
+        # the fake is deterministic: repeat runs and graph on/off agree; it answers some prompts differently
+        # as rabitq, so the comparisons against dense see it
+        for name in ("dense repeat run identical", "sparse repeat run identical", "nograph repeat run identical",
+                     "CUDA graph on/off identical", "openai chat", "openai streaming"):
+            assert checks[name]["passed"], checks[name]
+        assert not checks["top-p 1.0 greedy text identical to dense"]["passed"]
+        # every greedy pass starts from an empty radix cache: one flush per pass, each server
+        logs = tmp_path / "logs"
+        flushes = {name: (logs / f"smoke-{name}.log").read_text().count("flush_cache")
+                   for name in ("dense", "p1", "sparse", "nograph", "dense-nograph")}
+        assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1}
 
     def test_bench_decode_driver_and_summary(fake, tmp_path):
         out = tmp_path / "speed.json"
