@@ -4,6 +4,10 @@ and every loop (a label up to its backward branch) is summarized by opcode.
 
     python eval/kernel_sass.py --kernel score --num-warps 2
     python eval/kernel_sass.py --kernel attention --group 4 --head-dim 128
+    python eval/kernel_sass.py --kernel encode --resources     # registers, spills, shared memory
+
+``--resources`` adds what ptxas reports for the whole kernel: registers per thread, bytes spilled to
+local memory, and the shared memory Triton asked for (both limit how many programs an SM holds).
 
 Arguments that SGLang's pools make multiples of 16 elements (pointers, most strides) are compiled as
 such, as Triton's runtime specialization does; ``--not-aligned`` names those that are not (the code
@@ -23,26 +27,44 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
+from sglang_rabitq.kernels.query import _prepare_query_kernel
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
-from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _sparse_attention_kernel
-from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
+from sglang_rabitq.kernels.select import _threshold_kernel
+from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel
+from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
+
+KERNELS = ("score", "attention", "encode", "query", "threshold", "merge")
 
 POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_ptr": "*fp16", "qscal_ptr": "*fp32",
-                 "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32"}
+                 "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32",
+                 "rot_ptr": "*fp32", "center_ptr": "*fp32", "out_ptr": "*bf16", "slot_ptr": "*i64"}
 
 
-def kernel_spec(name: str, group: int, head_dim: int):
+def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
+    """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request)."""
     gp = triton.next_power_of_2(group)
+    ncp = triton.next_power_of_2(num_chunks)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
                       BIN_W=BIN_WIDTH, PLAN_FIELDS=6, HW=True)
         return _score_kernel, consts
-    consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
-                  DOT_F32=False)
-    return _sparse_attention_kernel, consts
+    if name == "attention":
+        consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
+                      DOT_F32=False)
+        return _sparse_attention_kernel, consts
+    if name == "encode":
+        return _encode_kernel, dict(D=head_dim, WORDS=head_dim // 32, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
+    if name == "query":
+        return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False)
+    if name == "threshold":
+        return _threshold_kernel, dict(NCP=ncp, CB=min(32, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
+    if name == "merge":
+        return _merge_kernel, dict(D=head_dim, NPP=triton.next_power_of_2(num_chunks + 1), BLOCK_P=min(32, ncp))
+    raise ValueError(f"unknown kernel {name!r}")
 
 
-def compile_sass(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str]) -> str:
+def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str]):
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -57,11 +79,31 @@ def compile_sass(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[s
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if (sig[n].startswith("*") or n.startswith("stride")) and n not in not_aligned}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{fn.__name__}.cubin"
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass(compiled) -> str:
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{compiled.metadata.name}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    return subprocess.run([str(nvdisasm), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
+def resources(compiled) -> dict:
+    """Registers per thread and bytes spilled (ptxas -v on the kernel's PTX), shared memory in bytes."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    ptx = tmp / f"{compiled.metadata.name}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    arch = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.M).group(1)  # sm_90a: what Triton targets
+    log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(ptx.with_suffix(".o"))],
+                         check=True, capture_output=True, text=True)
+    text = log.stdout + log.stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"), "shared": int(compiled.metadata.shared)}
 
 
 def loops(sass: str):
@@ -79,17 +121,23 @@ def loops(sass: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=("score", "attention"), default="score")
+    ap.add_argument("--kernel", choices=KERNELS, default="score")
     ap.add_argument("--group", type=int, default=4, help="query heads per kv-head")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--not-aligned", default="stride_ch,stride_fn")
+    ap.add_argument("--num-chunks", type=int, default=128, help="chunks per request (threshold and merge kernels)")
     ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
+    ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")
     args = ap.parse_args()
-    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim)
-    sass = compile_sass(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))))
-    for first, last, ops in loops(sass):
+    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks)
+    compiled = compile_kernel(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))))
+    if args.resources:
+        r = resources(compiled)
+        print(f"{args.kernel}: {r['registers']} registers per thread, {r['spill_stores']} B spill stores, "
+              f"{r['spill_loads']} B spill loads, {r['shared']} B shared memory ({args.num_warps} warps)")
+    for first, last, ops in loops(sass(compiled)):
         top = ", ".join(f"{n} {op}" for op, n in ops.most_common(args.top))
         print(f"loop at SASS lines {first}-{last}: {sum(ops.values())} instructions: {top}")
 

@@ -6,33 +6,45 @@ import torch
 import triton
 import triton.language as tl
 
+ENCODE_BLOCK_N = 64  # keys per program (one lazy-encode chunk of a request at the default chunk size)
+ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
+ENCODE_WARPS = 4
+
 
 @triton.jit
 def _encode_kernel(
     k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
     stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
-    D: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
     valid = slots >= 0  # -1 marks padding in fixed-size (CUDA-graph) slot lists
-    offs_d = tl.arange(0, D)
-    k = tl.load(k_ptr + slots[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                mask=valid[:, None], other=0.0).to(tl.float32)
-    kc = k - tl.load(center_ptr + h * D + offs_d)[None, :]
-    rot = tl.load(rot_ptr + h * D * D + offs_d[:, None] * D + offs_d[None, :])
-    o = tl.dot(kc, rot, input_precision="ieee")  # kc @ P: the one rotation convention
-    norm_sq = tl.sum(kc * kc, axis=1)
-    l1 = tl.sum(tl.abs(o), axis=1)
-    factor = tl.where(l1 > 0, norm_sq / tl.where(l1 > 0, l1, 1.0), 0.0)
-    # pack: bit d -> word d // 32, position d % 32 (distinct bits: the sum is an OR, wrap included)
-    bits = tl.reshape((o > 0).to(tl.int32), (BLOCK_N, WORDS, 32))
-    words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
-    offs_w = tl.arange(0, WORDS)
-    tl.store(code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :], words, mask=valid[:, None])
-    tl.store(factor_ptr + slots * stride_fn + h, factor, mask=valid)
+    # a decode step's lazy-encode list is all padding on most steps: nothing to do then
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        key = k_ptr + slots * stride_kn + h * stride_kh
+        offs_o = tl.arange(0, D)
+        norm_sq = tl.zeros((BLOCK_N,), tl.float32)
+        o = tl.zeros((BLOCK_N, D), tl.float32)
+        # o = (k - c) @ P (the one rotation convention), BLOCK_D rows of P at a time, in fp32 FMAs:
+        # one whole-width fp32 dot unrolls into a body ptxas can only compile with heavy register spills
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            kc = tl.load(key[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            kc -= tl.load(center_ptr + h * D + offs_d)[None, :]
+            norm_sq += tl.sum(kc * kc, axis=1)
+            rot = tl.load(rot_ptr + h * D * D + offs_d[:, None] * D + offs_o[None, :])
+            o = tl.dot(kc, rot, o, input_precision="ieee")
+        l1 = tl.sum(tl.abs(o), axis=1)
+        factor = tl.where(l1 > 0, norm_sq / tl.where(l1 > 0, l1, 1.0), 0.0)
+        # pack: bit d -> word d // 32, position d % 32 (distinct bits: the sum is an OR, wrap included)
+        bits = tl.reshape((o > 0).to(tl.int32), (BLOCK_N, WORDS, 32))
+        words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+        offs_w = tl.arange(0, WORDS)
+        tl.store(code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :], words, mask=valid[:, None])
+        tl.store(factor_ptr + slots * stride_fn + h, factor, mask=valid)
 
 
 def encode_slots(
@@ -51,9 +63,8 @@ def encode_slots(
     if n == 0:
         return
     _, h, d = k_buf.shape
-    block_n = 32
-    _encode_kernel[(triton.cdiv(n, block_n), h)](
+    _encode_kernel[(triton.cdiv(n, ENCODE_BLOCK_N), h)](
         k_buf, slots, rot, center, codes, factor, n,
         k_buf.stride(0), k_buf.stride(1), codes.stride(0), codes.stride(1), factor.stride(0),
-        D=d, WORDS=d // 32, BLOCK_N=block_n,
+        D=d, WORDS=d // 32, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
     )

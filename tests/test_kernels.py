@@ -57,6 +57,22 @@ def test_encode_bit_exact(d, dtype, fresh_seed):
     assert (c_dev.cpu()[untouched] == 0x5A5A5A5A).all() and f_dev.cpu()[untouched].isnan().all()
 
 
+def test_encode_of_padding_only_writes_nothing():
+    """A decode step's lazy-encode list is all -1 on most steps: those programs leave every code as it was."""
+    h, d, n = 2, 64, 40
+    keys = torch.randn(n, h, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(DEVICE)  # fixed: exact bits
+    rot = random_rotation(d, seed=0, num_heads=h).to(DEVICE)
+    codes = torch.full((n, h, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
+    factor = torch.full((n, h), float("nan"), device=DEVICE)
+    slots = torch.full((130,), -1, dtype=torch.int64, device=DEVICE)
+    slots[100] = 7  # the third program has one key to encode
+    encode_slots(keys, slots, rot, torch.zeros(h, d, device=DEVICE), codes, factor)
+    ref_codes, ref_factor = encode_keys(keys[7:8].float().cpu(), rot.cpu())
+    assert torch.equal(codes[7].cpu(), ref_codes[0]) and torch.allclose(factor[7].cpu(), ref_factor[0], rtol=1e-5)
+    others = torch.arange(n, device=DEVICE) != 7
+    assert (codes[others] == 0x5A5A5A5A).all() and factor[others].isnan().all()
+
+
 def _int4_from_planes(qbits: torch.Tensor) -> torch.Tensor:
     """The INT4 query ``[..., D]`` whose bit-planes ``qbits [..., 4, D // 32]`` hold."""
     return sum(unpack_bits(qbits[..., j, :]) << j for j in range(4))
