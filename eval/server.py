@@ -228,11 +228,12 @@ def http_post(url: str, payload: dict, timeout: float = 600.0) -> tuple[int, str
         return e.code, e.read().decode(errors="replace")
 
 
-def generate_stream(url: str, payload: dict, timeout: float = 1800.0) -> dict:
+def generate_stream(url: str, payload: dict, timeout: float = 1800.0, on_first_token=None) -> dict:
     """POST /generate with stream=True; returns the final meta_info/output plus client-side token timings.
 
     ``chunk_times``/``chunk_tokens``: arrival time (perf_counter) of each chunk and how many output tokens it
-    carried, so decode speed can be measured in any time window.
+    carried, so decode speed can be measured in any time window. ``on_first_token()`` is called once the
+    first output token arrives (the request is decoding from then on).
     """
     payload = {**payload, "stream": True}
     req = urllib.request.Request(
@@ -252,6 +253,8 @@ def generate_stream(url: str, payload: dict, timeout: float = 1800.0) -> dict:
             now = time.perf_counter()
             n = int(obj.get("meta_info", {}).get("completion_tokens", n_prev + 1))
             if n > n_prev:
+                if not times and on_first_token is not None:
+                    on_first_token()
                 times.append(now)
                 counts.append(n - n_prev)
                 n_prev = n

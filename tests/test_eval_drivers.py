@@ -1,12 +1,13 @@
 """The eval drivers end to end against a fake SGLang server (this file, run as a script), on CPU in seconds.
 
-The fake speaks the endpoints the drivers use: /health_generate, /server_info, /flush_cache, /metrics
+The fake speaks the endpoints the drivers use: /health_generate, /server_info, /flush_cache, /start_profile, /metrics
 (Prometheus text with SGLang's and, for --attention-backend rabitq, the rabitq counters), streaming and plain
 /v1/chat/completions, /v1/completions, and streaming /generate. Answers are read out of the prompt (so scores are not trivial);
 the rabitq fake gets every fifth answer wrong so agreement < 1 is visible.
 """
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -77,6 +78,25 @@ def batch_done() -> None:
             Fake.exported, Fake.last_export = dict(Fake.counters), time.monotonic()
 
 
+def write_fake_trace(folder: str, steps: int) -> None:
+    """A chrome trace like torch.profiler's: dense replays one CUDA graph per step; the rabitq fake
+    launches its 3 kernels one by one and syncs once per step."""
+    events, t = [], 0.0
+    for _ in range(steps):
+        if Fake.backend == "rabitq":
+            events += [{"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": t + i, "dur": 5} for i in range(3)]
+            events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": t + 50, "dur": 40})
+        else:
+            events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t, "dur": 8})
+        events += [{"ph": "X", "cat": "kernel", "name": f"void attn_kernel<{i}>(float*)" if i == 0 else f"gemm_{i}",
+                    "ts": t + 10 + 20 * i, "dur": 20} for i in range(3)]
+        t += 100.0
+    path = Path(folder) / "fake-TP-0.trace.json.gz"
+    with gzip.open(path.with_suffix(".tmp"), "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    path.with_suffix(".tmp").rename(path)
+
+
 def metrics_text() -> str:
     c = {**Fake.exported, "prompt": Fake.counters["prompt"], "cached": Fake.counters["cached"]}
     lines = ["# HELP sglang:prompt_tokens_total x", "# TYPE sglang:prompt_tokens_total counter",
@@ -135,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
                 Fake.prompts.clear()
             print("flush_cache", flush=True)
             self._send(200, "")
+        elif self.path.startswith("/start_profile"):
+            write_fake_trace(body["output_dir"], body["num_steps"])
+            self._send(200, "Succeeded")
         elif self.path.startswith("/v1/chat/completions"):
             self.chat(body)
         elif self.path.startswith("/v1/completions"):
@@ -201,7 +224,7 @@ if __name__ != "__main__":
     import pytest
 
     sys.path.insert(0, str(ROOT))
-    from eval import accuracy, bench_decode, e2e_smoke, prefix_sharing, summary  # noqa: E402
+    from eval import accuracy, bench_decode, e2e_smoke, prefix_sharing, profile_decode, summary  # noqa: E402
     from eval import server as eval_server  # noqa: E402
     from eval.server import Server  # noqa: E402
 
@@ -310,6 +333,21 @@ if __name__ != "__main__":
         flushes = {name: (logs / f"smoke-{name}.log").read_text().count("flush_cache")
                    for name in ("dense", "p1", "sparse", "nograph", "dense-nograph")}
         assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1}
+
+    def test_profile_decode_driver(fake, tmp_path):
+        out = tmp_path / "profile.json"
+        res = profile_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--context", "2048",
+                                   "--batch", "2", "--gen", "400", "--steps", "4", "--settle", "0.05"])
+        data = json.loads(out.read_text())
+        dense, ours = data["runs"]["dense"], data["runs"]["rabitq"]
+        assert dense["graph_launches_per_step"] == 1 and dense["kernel_launches_per_step"] == 0
+        assert ours["graph_launches_per_step"] == 0 and ours["kernel_launches_per_step"] == 3
+        assert ours["syncs_per_step"] == 1 and ours["sync_us_per_step"] == 40
+        assert dense["kernels_per_step"] == 3 and dense["gpu_busy_us_per_step"] == 60
+        assert dense["top_kernels"][0]["us_per_step"] == 20 and "attn_kernel" in [k["name"] for k in dense["top_kernels"]]
+        assert not dense["errors"] and not ours["errors"] and res["runs"].keys() == {"dense", "rabitq"}
+        assert not list((tmp_path / "traces").rglob("*.trace.json*"))  # summarized, then removed
+        assert "graph launches/step" in out.with_suffix(".md").read_text()
 
     def test_bench_decode_driver_and_summary(fake, tmp_path):
         out = tmp_path / "speed.json"
