@@ -1,19 +1,27 @@
-"""The score kernel's estimate loop, compiled for an H100 (sm_90) on this machine: it runs on the
+"""The kernels compiled for an H100 (sm_90) on this machine: the score kernel's estimate loop runs on the
 hardware popcount and without shared-memory round trips (a layout conversion or barrier there costs
-more than the estimate itself)."""
+more than the estimate itself), and no kernel spills registers to local memory."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "query": 4, "threshold": 4, "merge": 4}  # as launched
+
+
+def kernel_sass(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    return subprocess.run([sys.executable, str(ROOT / "eval" / "kernel_sass.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600, check=True).stdout
 
 
 def test_score_estimate_loop_uses_hardware_popcount_without_barriers():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    out = subprocess.run([sys.executable, str(ROOT / "eval" / "kernel_sass.py"), "--kernel", "score", "--num-warps", "2",
-                          "--top", "100"], env=env, capture_output=True, text=True, timeout=600, check=True).stdout
+    out = kernel_sass("--kernel", "score", "--num-warps", "2", "--top", "100")
     counts = []
     for line in out.splitlines():
         ops = dict(reversed(item.split()) for item in line.split(": ", 2)[2].split(", "))
@@ -22,3 +30,13 @@ def test_score_estimate_loop_uses_hardware_popcount_without_barriers():
     # 8 (head, token) elements per thread at 2 warps: 4 words x 4 planes each, plus 4 words x 2 tokens
     assert estimate["POPC"] == 8 * 16 + 8
     assert not {"BAR", "STS", "LDS"} & estimate.keys()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kernel", sorted(KERNEL_WARPS))
+def test_kernels_compile_without_register_spills(kernel, head_dim):
+    group = 7 if head_dim == 64 else 4  # Qwen2.5-0.5B and Llama-3.1-8B shapes
+    out = kernel_sass("--kernel", kernel, "--num-warps", str(KERNEL_WARPS[kernel]), "--head-dim", str(head_dim),
+                      "--group", str(group), "--resources", "--top", "1")
+    m = re.search(r"(\d+) registers per thread, (\d+) B spill stores, (\d+) B spill loads", out)
+    assert m and int(m.group(2)) == 0 and int(m.group(3)) == 0, out.splitlines()[0]
