@@ -132,11 +132,33 @@ def prefill_time(srv, vocab, ctx, reps) -> float | None:
     return 1e3 * statistics.median(times) if times else None
 
 
-def run_backend(args, kind, index, vocab, ctx_len) -> dict:
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dummy", choices=sorted(DUMMY), help="random weights of a known shape (config.json only)")
+    ap.add_argument("--dummy-dir", default="/tmp/rabitq-dummy-models")
+
+
+def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, int]:
+    """(model name, vocabulary size); ``--dummy`` writes its config folder and points ``args.model`` at it."""
+    if args.dummy:
+        name, cfg = DUMMY[args.dummy]
+        args.model = str(write_model_config(Path(args.dummy_dir) / args.dummy, cfg))
+    elif not args.model:
+        ap.error("--model or --dummy is required")
+    else:
+        name = Path(args.model).name
+    return name, int(json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000))
+
+
+def speed_server(args, kind: str, index: int, ctx_len: int) -> S.Server:
+    """A server for speed runs: dummy weights where asked, contexts allowed past the model's window."""
     extra = ["--load-format", "dummy", "--skip-tokenizer-init"] if args.dummy else []
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}  # speed only: contexts may pass the model window
-    srv = S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None, context_length=ctx_len,
-                       extra=extra, env=env)
+    return S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None, context_length=ctx_len,
+                        extra=extra, env=env)
+
+
+def run_backend(args, kind, index, vocab, ctx_len) -> dict:
+    srv = speed_server(args, kind, index, ctx_len)
     out = {"backend": kind, "points": [], "prefill_ms": {}, "skipped": []}
     with srv:
         info = srv.info()
@@ -196,8 +218,7 @@ def print_rows(rows) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     S.add_server_args(ap, port=32000, model_required=False)
-    ap.add_argument("--dummy", choices=sorted(DUMMY), help="random weights of a known shape (config.json only)")
-    ap.add_argument("--dummy-dir", default="/tmp/rabitq-dummy-models")
+    add_model_args(ap)
     ap.add_argument("--contexts", type=S.csv_list(int), default=[8192, 16384, 32768])
     ap.add_argument("--batches", type=S.csv_list(int), default=[1, 8, 32])
     ap.add_argument("--ref-context", type=int, default=1024)
@@ -210,16 +231,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     S.apply_quick(ap, args, {"contexts": [4096, 8192], "batches": [1, 8], "gen": 64, "prefill_reps": 2,
                              "repeats": 2})
-    if args.dummy:
-        name, cfg = DUMMY[args.dummy]
-        args.model = str(write_model_config(Path(args.dummy_dir) / args.dummy, cfg))
-    elif not args.model:
-        ap.error("--model or --dummy is required")
-    else:
-        name = Path(args.model).name
+    name, vocab = resolve_model(ap, args)
     args.out = args.out or str(S.RESULTS / "speed.json")
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    vocab = int(cfg.get("vocab_size", 32000))
     ctx_len = args.context_length or max(args.contexts + [args.ref_context]) + args.gen + 64
 
     result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}, "rows": []}

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval import server as S  # noqa: E402
-from eval.bench_decode import DUMMY, random_ids, write_model_config  # noqa: E402
+from eval.bench_decode import add_model_args, random_ids, resolve_model, speed_server  # noqa: E402
 
 GRAPH_LAUNCH = {"cudaGraphLaunch", "cuGraphLaunch"}
 KERNEL_LAUNCH = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
@@ -107,10 +107,7 @@ def wait_for_trace(folder: Path, timeout: float) -> Path:
 
 
 def profile_backend(args, kind: str, index: int, vocab: int, ctx_len: int) -> dict:
-    extra = ["--load-format", "dummy", "--skip-tokenizer-init"] if args.dummy else []
-    env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
-    srv = S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None, context_length=ctx_len,
-                       extra=extra, env=env)
+    srv = speed_server(args, kind, index, ctx_len)
     trace_dir = Path(args.out).parent / "traces" / f"{Path(args.out).stem}-{kind}"
     trace_dir.mkdir(parents=True, exist_ok=True)
     for old in trace_dir.glob("*.trace.json*"):
@@ -174,8 +171,7 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     S.add_server_args(ap, port=33000, model_required=False)
-    ap.add_argument("--dummy", choices=sorted(DUMMY), help="random weights of a known shape (config.json only)")
-    ap.add_argument("--dummy-dir", default="/tmp/rabitq-dummy-models")
+    add_model_args(ap)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--gen", type=int, default=256, help="new tokens per request (outlasts the profiled steps)")
@@ -187,15 +183,8 @@ def main(argv=None):
     ap.add_argument("--trace-timeout", type=float, default=300.0)
     ap.add_argument("--keep-traces", action="store_true")
     args = ap.parse_args(argv)
-    if args.dummy:
-        name, cfg = DUMMY[args.dummy]
-        args.model = str(write_model_config(Path(args.dummy_dir) / args.dummy, cfg))
-    elif not args.model:
-        ap.error("--model or --dummy is required")
-    else:
-        name = Path(args.model).name
+    name, vocab = resolve_model(ap, args)
     args.out = args.out or str(S.RESULTS / "profile.json")
-    vocab = int(json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000))
     ctx_len = args.context_length or args.context + args.gen + 64
     result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}}
     for i, kind in enumerate(args.backends):
