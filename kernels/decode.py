@@ -15,6 +15,7 @@ from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
+from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE
 
 BLOCK_N = 64  # tokens per inner block of the attention kernel
 CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
@@ -98,7 +99,7 @@ class DecodeWorkspace:
         self.plan = DecodePlan(max_bs, capacity, device)
         self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
         self.qbits = torch.empty(max_bs, num_q_heads, 4, head_dim // 32, dtype=torch.int32, device=device)
-        self.logits = torch.empty(capacity * num_q_heads, dtype=torch.float16, device=device)
+        self.logits = torch.empty(capacity * num_q_heads, dtype=LOGIT_STORAGE_DTYPE, device=device)
         self.index = torch.empty(capacity * num_kv_heads, dtype=torch.int32, device=device)
         self.thr = torch.empty(max_bs, num_q_heads, **f32)
         self.stats = ChunkStats(most * num_q_heads, device)
