@@ -236,13 +236,7 @@ def main(argv=None):
     ctx_len = args.context_length or max(args.contexts + [args.ref_context]) + args.gen + 64
 
     result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}, "rows": []}
-    for i, kind in enumerate(args.backends):
-        try:
-            result["runs"][kind] = run_backend(args, kind, i, vocab, ctx_len)
-        except Exception as e:  # noqa: BLE001
-            print(f"[bench_decode] {kind} failed: {e}", flush=True)
-            result["runs"][kind] = {"error": str(e)}
-        S.write_json(args.out, result)
+    S.run_backends(args, result, lambda kind, i: run_backend(args, kind, i, vocab, ctx_len), "bench_decode")
     result["rows"] = combine(result["runs"], args.ref_context, name)
     S.write_json(args.out, result)
     print_rows(result["rows"])

@@ -30,9 +30,9 @@ from triton.compiler import ASTSource
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
 from sglang_rabitq.kernels.query import _prepare_query_kernel
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
-from sglang_rabitq.kernels.select import _threshold_kernel
-from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel
-from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
+from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
+from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
+from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
 KERNELS = ("score", "attention", "encode", "query", "threshold", "merge")
 
@@ -44,7 +44,6 @@ POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_pt
 def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request)."""
     gp = triton.next_power_of_2(group)
-    ncp = triton.next_power_of_2(num_chunks)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
                       BIN_W=BIN_WIDTH, PLAN_FIELDS=6, HW=True)
@@ -58,9 +57,9 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     if name == "query":
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False)
     if name == "threshold":
-        return _threshold_kernel, dict(NCP=ncp, CB=min(32, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
-    if name == "merge":
-        return _merge_kernel, dict(D=head_dim, NPP=triton.next_power_of_2(num_chunks + 1), BLOCK_P=min(32, ncp))
+        return _threshold_kernel, threshold_constexprs(num_chunks)
+    if name == "merge":  # the chunks' partials and the sink/window program's
+        return _merge_kernel, merge_constexprs(num_chunks + 1, head_dim)
     raise ValueError(f"unknown kernel {name!r}")
 
 

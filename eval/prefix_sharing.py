@@ -299,13 +299,7 @@ def main(argv=None):
     counter = T.TokenCounter(T.load_tokenizer(args.model))
     work = build_workload(args, counter)
     result = {**S.env_info(args.model), "config": vars(args), "doc_tokens": work["doc_tokens"], "runs": {}}
-    for i, kind in enumerate(args.backends):
-        try:
-            result["runs"][kind] = run_backend(args, work, kind, i)
-        except Exception as e:  # noqa: BLE001 - keep what the other backend measured
-            print(f"[prefix_sharing] {kind} failed: {e}", flush=True)
-            result["runs"][kind] = {"error": str(e)}
-        S.write_json(args.out, result)
+    S.run_backends(args, result, lambda kind, i: run_backend(args, work, kind, i), "prefix_sharing")
     runs = {k: v for k, v in result["runs"].items() if "error" not in v}
     agree = compare(runs["dense"], runs["rabitq"], counter.ids) if "dense" in runs and "rabitq" in runs else None
     result["agreement"] = agree

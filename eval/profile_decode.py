@@ -187,13 +187,7 @@ def main(argv=None):
     args.out = args.out or str(S.RESULTS / "profile.json")
     ctx_len = args.context_length or args.context + args.gen + 64
     result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}}
-    for i, kind in enumerate(args.backends):
-        try:
-            result["runs"][kind] = profile_backend(args, kind, i, vocab, ctx_len)
-        except Exception as e:  # noqa: BLE001
-            print(f"[profile_decode] {kind} failed: {e!r}", flush=True)
-            result["runs"][kind] = {"error": repr(e)}
-        S.write_json(args.out, result)
+    S.run_backends(args, result, lambda kind, i: profile_backend(args, kind, i, vocab, ctx_len), "profile_decode")
     Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(markdown(result), flush=True)
     return result

@@ -490,6 +490,19 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def run_backends(args, result: dict, run, tag: str) -> None:
+    """``result["runs"][kind] = run(kind, index)`` for each of ``args.backends``, one after another. A
+    backend that fails is recorded as ``{"error": ...}`` and the next still runs (what the other one
+    measured is kept); ``args.out`` is rewritten after each."""
+    for i, kind in enumerate(args.backends):
+        try:
+            result["runs"][kind] = run(kind, i)
+        except Exception as e:  # noqa: BLE001
+            print(f"[{tag}] {kind} failed: {e}", flush=True)
+            result["runs"][kind] = {"error": str(e)}
+        write_json(args.out, result)
+
+
 def csv_list(kind=str):
     return lambda s: [kind(x) for x in s.split(",") if x.strip()]
 

@@ -37,9 +37,12 @@ def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int
     return max(1, min(want, triton.cdiv(max_context, 2 * CHUNK_ALIGN)))
 
 
+INDEX_DTYPE = torch.int32  # the workspace's compacted slot numbers
+
+
 def workspace_bytes_per_slot(num_q_heads: int, num_kv_heads: int) -> int:
-    """Bytes of the per-token workspace (fp16 logits per query head, an int32 index per kv-head) per KV-pool slot."""
-    return WORKSPACE_TOKENS_PER_SLOT * (2 * num_q_heads + 4 * num_kv_heads)
+    """Bytes of the per-token workspace (a logit per query head, an index per kv-head) per KV-pool slot."""
+    return WORKSPACE_TOKENS_PER_SLOT * (LOGIT_STORAGE_DTYPE.itemsize * num_q_heads + INDEX_DTYPE.itemsize * num_kv_heads)
 
 
 class DecodePlan:
@@ -100,7 +103,7 @@ class DecodeWorkspace:
         self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
         self.qbits = torch.empty(max_bs, num_q_heads, 4, head_dim // 32, dtype=torch.int32, device=device)
         self.logits = torch.empty(capacity * num_q_heads, dtype=LOGIT_STORAGE_DTYPE, device=device)
-        self.index = torch.empty(capacity * num_kv_heads, dtype=torch.int32, device=device)
+        self.index = torch.empty(capacity * num_kv_heads, dtype=INDEX_DTYPE, device=device)
         self.thr = torch.empty(max_bs, num_q_heads, **f32)
         self.stats = ChunkStats(most * num_q_heads, device)
         self.partial_out = torch.empty(parts * num_q_heads, head_dim, **f32)

@@ -56,10 +56,15 @@ def _threshold_kernel(
     tl.store(thr_ptr + row, tl.where(found, thr, float("-inf")))
 
 
+def threshold_constexprs(num_chunks: int) -> dict:
+    """The threshold kernel's compile-time arguments for ``num_chunks`` chunks per request."""
+    ncp = triton.next_power_of_2(num_chunks)
+    return dict(NCP=ncp, CB=min(32, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
+
+
 def top_p_threshold(stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int) -> None:
     """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept."""
     bsz, hq = thr.shape
     _threshold_kernel[(bsz, hq)](
-        stats.max, stats.top, stats.count, thr, float(top_p), hq, num_chunks,
-        NCP=triton.next_power_of_2(num_chunks), CB=min(32, triton.next_power_of_2(num_chunks)), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN,
+        stats.max, stats.top, stats.count, thr, float(top_p), hq, num_chunks, **threshold_constexprs(num_chunks),
     )

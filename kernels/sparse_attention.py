@@ -164,10 +164,15 @@ def sparse_attention(
     )
 
 
+def merge_constexprs(num_parts: int, head_dim: int) -> dict:
+    """The merge kernel's compile-time arguments for ``num_parts`` partials per head."""
+    npp = triton.next_power_of_2(num_parts)
+    return dict(D=head_dim, NPP=npp, BLOCK_P=min(32, npp))
+
+
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, num_parts: int) -> None:
     """``out [B, Hq, D]`` = the log-sum-exp weighted mean of each head's ``num_parts`` partials."""
     bsz, hq, d = out.shape
     _merge_kernel[(bsz, hq)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts,
-        D=d, NPP=triton.next_power_of_2(num_parts), BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts, **merge_constexprs(num_parts, d),
     )

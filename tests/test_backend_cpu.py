@@ -146,7 +146,7 @@ def test_decode_after_a_prefix_hit_is_bit_identical_to_decode_from_scratch():
             outs.append(h.run(b, h.decode_batch([row], [n_prompt + i + 1], slot), 1, qkv=at(slice(n_prompt + i, n_prompt + i + 1))))
         return hit, outs
 
-    h1, b1 = Harness(), None
+    h1 = Harness()
     b1 = make(h1)
     _, fresh = conversation(h1, b1)
 
