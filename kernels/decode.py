@@ -15,6 +15,7 @@ from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
+from sglang_rabitq.reference.plan import plan_rows
 from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE
 
 BLOCK_N = 64  # tokens per inner block of the attention kernel
@@ -51,7 +52,8 @@ class DecodePlan:
     workspace's per-token buffers (see ``reference.decode_regions`` for S' and E).
 
     A request whose rows would pass the workspace's ``capacity`` (tokens) is planned with an
-    empty scored region: it attends densely, correct and slower.
+    empty scored region: it attends densely, correct and slower. Serving fills the rows with
+    ``kernels.plan.plan_decode`` (``DecodePlanner``); ``fill`` is the torch path for tests and benchmarks.
     """
 
     FIELDS = 6
@@ -59,29 +61,23 @@ class DecodePlan:
     def __init__(self, max_bs: int, capacity: int, device):
         self.rows = torch.zeros(max_bs, self.FIELDS, dtype=torch.int32, device=device)
         self.capacity = capacity
-        self.overflow = torch.zeros((), dtype=torch.int64, device=device)  # requests of the last fill planned dense
+        # of the last plan: (requests planned dense for want of workspace, slots marked for encoding)
+        self.totals = torch.zeros(2, dtype=torch.int64, device=device)
+
+    @property
+    def overflow(self) -> torch.Tensor:
+        return self.totals[0]
 
     def fill(
         self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, encoded_lens: torch.Tensor,
         sink: int, window: int, num_chunks: int,
     ) -> torch.Tensor:
-        bsz = req_pool_indices.shape[0]
-        length = seq_lens.to(torch.int32)
-        sink_end = torch.clamp(length, max=sink)
-        score_end = torch.maximum(sink_end, torch.minimum(encoded_lens.to(torch.int32), length - window))
-        scored = score_end - sink_end
-        per_chunk = torch.clamp((scored + num_chunks - 1) // num_chunks, min=1)
-        chunk_len = (per_chunk + CHUNK_ALIGN - 1) // CHUNK_ALIGN * CHUNK_ALIGN
-        row_len = torch.where(scored > 0, chunk_len * num_chunks, 0)
-        end = torch.cumsum(row_len, 0, dtype=torch.int64)
-        fits = end <= self.capacity
-        sink_end = torch.where(fits, sink_end, 0)
-        score_end = torch.where(fits, score_end, 0)
-        work = torch.where(fits, end - row_len, 0).to(torch.int32)
-        self.overflow.copy_((~fits).sum())
-        rows = self.rows[:bsz]
-        rows.copy_(torch.stack([req_pool_indices.to(torch.int32), sink_end, score_end, chunk_len, length, work], dim=1))
-        return rows
+        rows, overflow = plan_rows(req_pool_indices, seq_lens, encoded_lens, sink, window, num_chunks,
+                                   CHUNK_ALIGN, self.capacity)
+        self.totals.copy_(torch.tensor([overflow, 0]))
+        out = self.rows[: rows.shape[0]]
+        out.copy_(rows)
+        return out
 
 
 class DecodeWorkspace:
@@ -116,7 +112,7 @@ class DecodeWorkspace:
 
     def nbytes(self) -> int:
         tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
-        tensors += [self.plan.rows, self.stats.max, self.stats.top, self.stats.count]
+        tensors += [self.plan.rows, self.plan.totals, self.stats.max, self.stats.top, self.stats.count]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def kept_tokens(self, bsz: int) -> torch.Tensor:

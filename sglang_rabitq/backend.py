@@ -113,11 +113,10 @@ class RaBitQAttnBackend(AttentionBackend):
         bsz = forward_batch.batch_size
         if bsz == 0:  # an idle batch (data-parallel attention): nothing to plan
             return
-        encoded = self.planner.plan(self.req_to_token, forward_batch.req_pool_indices[:bsz],
-                                    forward_batch.seq_lens[:bsz], mutate=mutate)
+        self.planner.plan(self.req_to_token, forward_batch.req_pool_indices[:bsz], forward_batch.seq_lens[:bsz],
+                          mutate=mutate)
         if mutate:
-            self.stats.add("codes_encoded", encoded)
-            self.stats.add("dense_fallback_requests", self.ws.plan.overflow)
+            self.stats.add_many(("dense_fallback_requests", "codes_encoded"), self.ws.plan.totals)
             self.stats.maybe_log()
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):

@@ -47,7 +47,7 @@ class RequestBudgets:
         if ended:
             idx = torch.tensor([row for row, _ in ended], device=self.counts.device)
             values = self.counts[idx].tolist()  # one host sync, extend batches only
-            self.counts[idx] = 0
+            self.counts.index_fill_(0, idx, 0)
             for (_, rid), (attended, context, steps) in zip(ended, values):
                 self._report(rid, attended, context, steps)
         for row, rid in zip(rows, rids):

@@ -23,6 +23,7 @@ class RaBitQStats:
     def __init__(self, device, export_metrics: bool):
         self.counters = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
         self.encode_seconds = 0.0
+        self._index = {}  # field tuple -> device index tensor of add_many
         self._pending = []  # (start, end) CUDA events of encode launches, resolved when logging
         self._exported = dict.fromkeys(FIELDS, 0)
         self._exported_seconds = 0.0
@@ -42,6 +43,13 @@ class RaBitQStats:
     def add(self, field: str, value) -> None:
         """Add a device scalar or a host int to a counter (no host sync)."""
         self.counters[FIELDS.index(field)] += value
+
+    def add_many(self, fields: tuple[str, ...], values: torch.Tensor) -> None:
+        """Add a device vector to several counters in one launch (no host sync)."""
+        idx = self._index.get(fields)
+        if idx is None:
+            idx = self._index[fields] = torch.tensor([FIELDS.index(f) for f in fields], device=self.counters.device)
+        self.counters.index_add_(0, idx, values.to(self.counters.dtype))
 
     def time_encode(self, fn) -> None:
         """Run ``fn`` (kernel launches) and account its device time without waiting for it."""
