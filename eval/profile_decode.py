@@ -58,6 +58,19 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def sync_sources(syncs: list[dict], cpu_ops: list[dict]) -> dict[str, int]:
+    """Host syncs counted by the innermost CPU op (same thread) that encloses each: which op waited."""
+    by_tid = collections.defaultdict(list)
+    for op in cpu_ops:
+        by_tid[op.get("tid")].append(op)
+    counts = collections.Counter()
+    for s in syncs:
+        inside = [op for op in by_tid.get(s.get("tid"), [])
+                  if op["ts"] <= s["ts"] and s["ts"] + s["dur"] <= op["ts"] + op["dur"]]
+        counts[min(inside, key=lambda op: op["dur"])["name"] if inside else "(no enclosing op)"] += 1
+    return dict(counts.most_common())
+
+
 def summarize(events: list[dict], steps: int, top: int = 12) -> dict:
     """Per-step figures of a trace of ``steps`` forward steps (times in microseconds)."""
     gpu = [e for e in events if e.get("cat") in GPU_CATS]
@@ -87,6 +100,7 @@ def summarize(events: list[dict], steps: int, top: int = 12) -> dict:
         "host_launch_us_per_step": sum(e["dur"] for e in api if e["name"] in KERNEL_LAUNCH | GRAPH_LAUNCH) / n,
         "syncs_per_step": len(syncs) / n,
         "sync_us_per_step": sum(e["dur"] for e in syncs) / n,
+        "syncs_by_op": sync_sources(syncs, [e for e in events if e.get("cat") in ("cpu_op", "python_function")]),
         "top_kernels": [{"name": name, "us_per_step": t / n, "calls_per_step": c / n}
                         for name, (t, c) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]],
     }
@@ -162,6 +176,10 @@ def markdown(result: dict) -> str:
              "| backend | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for kind, r in runs.items():
         lines.append(f"| {kind} | " + " | ".join(fmt(r.get(c[0])) for c in cols) + " |")
+    for kind, r in runs.items():
+        if r.get("syncs_by_op"):
+            lines += ["", f"{kind}: host syncs by enclosing CPU op (all steps): "
+                      + ", ".join(f"`{op}` {c}" for op, c in r["syncs_by_op"].items())]
     for kind, r in runs.items():
         lines += ["", f"## {kind}: top GPU kernels per step", "", "| kernel | us/step | calls/step |", "|---|---|---|"]
         lines += [f"| `{k['name']}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.1f} |" for k in r.get("top_kernels", [])]

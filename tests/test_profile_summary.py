@@ -33,8 +33,10 @@ def test_summary_per_step(tmp_path):
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 6},
         {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 95, "dur": 4},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 97, "dur": 2},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 120, "dur": 70},
-        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 999},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 120, "dur": 70, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 999, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 110, "dur": 90, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 110, "dur": 90, "tid": 2},  # another thread
         {"ph": "i", "cat": "kernel", "name": "instant", "ts": 5},  # not a complete event: ignored
     ]
     path = tmp_path / "t.trace.json.gz"
@@ -48,6 +50,7 @@ def test_summary_per_step(tmp_path):
     assert s["graph_launches_per_step"] == 0.5 and s["kernel_launches_per_step"] == 1
     assert s["host_launch_us_per_step"] == 6
     assert s["syncs_per_step"] == 0.5 and s["sync_us_per_step"] == 35
+    assert s["syncs_by_op"] == {"aten::item": 1}  # the innermost op of the sync's own thread
     assert [k["name"] for k in s["top_kernels"]] == ["a", "b"]
     assert s["top_kernels"][0] == {"name": "a", "us_per_step": 30, "calls_per_step": 1}
     assert summarize([], steps=3)["error"]
