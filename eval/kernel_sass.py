@@ -27,18 +27,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sglang_rabitq.kernels.decode import CHUNK_ALIGN
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
+from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import _prepare_query_kernel
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
-KERNELS = ("score", "attention", "encode", "query", "threshold", "merge")
+KERNELS = ("score", "attention", "encode", "query", "threshold", "merge", "plan")
 
 POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_ptr": "*fp16", "qscal_ptr": "*fp32",
                  "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32",
-                 "rot_ptr": "*fp32", "center_ptr": "*fp32", "out_ptr": "*bf16", "slot_ptr": "*i64"}
+                 "rot_ptr": "*fp32", "center_ptr": "*fp32", "out_ptr": "*bf16", "slot_ptr": "*i64",
+                 # the planner's: SGLang's req_pool_indices and seq_lens are int64, the pool flags bool (as int8)
+                 "rpi_ptr": "*i64", "seq_ptr": "*i64", "valid_ptr": "*i8", "slots_ptr": "*i64", "totals_ptr": "*i64",
+                 "seed_ptr": "*i64"}
 
 
 def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
@@ -60,6 +65,8 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
         return _threshold_kernel, threshold_constexprs(num_chunks)
     if name == "merge":  # the chunks' partials and the sink/window program's
         return _merge_kernel, merge_constexprs(num_chunks + 1, head_dim)
+    if name == "plan":  # at the default --rabitq-encode-chunk
+        return _plan_kernel, dict(plan_constexprs(64, CHUNK_ALIGN, mutate=True), PLAN_FIELDS=6)
     raise ValueError(f"unknown kernel {name!r}")
 
 

@@ -4,10 +4,12 @@ Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
 ``prepare_query`` (rotate + INT4 + bit-planes) -> ``score_chunks`` (estimate once, fp16 logits to the
 workspace, chunk max + histogram) -> ``top_p_threshold`` (per query head) -> ``sparse_attention``
 (select, compact, exact attention, split over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
+``plan_decode`` plans each decode batch (once, before the layers run) in one launch.
 """
 
 from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer
 from sglang_rabitq.kernels.encode import encode_slots
+from sglang_rabitq.kernels.plan import plan_decode
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
@@ -18,6 +20,7 @@ __all__ = [
     "DecodeWorkspace",
     "encode_slots",
     "merge_partials",
+    "plan_decode",
     "prepare_query",
     "rabitq_decode_layer",
     "score_chunks",

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 PLAN_BLOCK_B = 128  # requests per block of the walk
+PLAN_WARPS = 4
 
 
 @triton.jit
@@ -96,6 +97,10 @@ def plan_decode(
     _plan_kernel[(1,)](
         req_pool_indices, seq_lens, req_to_token, encoded_len, valid.view(torch.int8), rows, encode_slots, totals, seed,
         bsz, req_to_token.stride(0), req_to_token.shape[1], capacity, num_chunks, sink, window,
-        CHUNK=chunk, CHUNK_P=triton.next_power_of_2(chunk), ALIGN=align, BLOCK_B=PLAN_BLOCK_B,
-        PLAN_FIELDS=rows.shape[1], MUTATE=mutate, num_warps=4,
+        PLAN_FIELDS=rows.shape[1], **plan_constexprs(chunk, align, mutate), num_warps=PLAN_WARPS,
     )
+
+
+def plan_constexprs(chunk: int, align: int, mutate: bool) -> dict:
+    """The plan kernel's compile-time arguments (but PLAN_FIELDS)."""
+    return dict(CHUNK=chunk, CHUNK_P=triton.next_power_of_2(chunk), ALIGN=align, BLOCK_B=PLAN_BLOCK_B, MUTATE=mutate)

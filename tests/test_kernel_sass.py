@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "query": 4, "threshold": 4, "merge": 4}  # as launched
+KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
 
 
 def kernel_sass(*args: str) -> str:
