@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sglang_rabitq.kernels.decode import CHUNK_ALIGN
+from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
 from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import _prepare_query_kernel
@@ -66,7 +66,7 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     if name == "merge":  # the chunks' partials and the sink/window program's
         return _merge_kernel, merge_constexprs(num_chunks + 1, head_dim)
     if name == "plan":  # at the default --rabitq-encode-chunk
-        return _plan_kernel, dict(plan_constexprs(64, CHUNK_ALIGN, mutate=True), PLAN_FIELDS=6)
+        return _plan_kernel, plan_constexprs(64, CHUNK_ALIGN, DecodePlan.FIELDS, mutate=True)
     raise ValueError(f"unknown kernel {name!r}")
 
 

@@ -35,7 +35,7 @@ def _plan_kernel(
         rpi = tl.load(rpi_ptr + offs, mask=live, other=0).to(tl.int64)
         length = tl.load(seq_ptr + offs, mask=live, other=1).to(tl.int32)
         encoded = tl.load(enc_ptr + rpi, mask=live, other=0)
-        # regions and chunking: as DecodePlan.fill
+        # regions and chunking: as reference.plan.plan_rows
         sink_end = tl.minimum(length, sink)
         score_end = tl.maximum(sink_end, tl.minimum(encoded, length - window))
         scored = score_end - sink_end
@@ -97,10 +97,11 @@ def plan_decode(
     _plan_kernel[(1,)](
         req_pool_indices, seq_lens, req_to_token, encoded_len, valid.view(torch.int8), rows, encode_slots, totals, seed,
         bsz, req_to_token.stride(0), req_to_token.shape[1], capacity, num_chunks, sink, window,
-        PLAN_FIELDS=rows.shape[1], **plan_constexprs(chunk, align, mutate), num_warps=PLAN_WARPS,
+        **plan_constexprs(chunk, align, rows.shape[1], mutate), num_warps=PLAN_WARPS,
     )
 
 
-def plan_constexprs(chunk: int, align: int, mutate: bool) -> dict:
-    """The plan kernel's compile-time arguments (but PLAN_FIELDS)."""
-    return dict(CHUNK=chunk, CHUNK_P=triton.next_power_of_2(chunk), ALIGN=align, BLOCK_B=PLAN_BLOCK_B, MUTATE=mutate)
+def plan_constexprs(chunk: int, align: int, fields: int, mutate: bool) -> dict:
+    """The plan kernel's compile-time arguments (``fields``: int32 fields per plan row)."""
+    return dict(CHUNK=chunk, CHUNK_P=triton.next_power_of_2(chunk), ALIGN=align, BLOCK_B=PLAN_BLOCK_B,
+                PLAN_FIELDS=fields, MUTATE=mutate)
