@@ -28,9 +28,16 @@ def _i(x):
     return None if x is None else int(round(x))
 
 
+def _joined(sources: list[dict], key: str) -> str:
+    """The distinct values of ``key`` over the input files, in order: results from several GPUs or
+    models are merged, and the header must not name just one of them."""
+    seen = list(dict.fromkeys(str(d[key]) for d in sources if d.get(key)))
+    return ", ".join(seen) or "unknown"
+
+
 def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) -> dict:
     """The summary schema from loaded result files (each a dict as written by the drivers)."""
-    first = next((d for d in [*accuracy, prefix or {}, *speed] if d and d.get("gpu")), {})
+    sources = [d for d in [*accuracy, prefix or {}, *speed] if d]
     acc = [{"task": str(r["task"]), "context": int(r["context"]), "backend": r["backend"],
             "top_p": _f(r.get("top_p")) if r["backend"] == "rabitq" else None,
             "score": float(r["score"]), "budget": _f(r.get("budget"))}
@@ -41,8 +48,8 @@ def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) 
            for d in speed for r in d.get("rows", [])]
     ps = (prefix or {}).get("summary") or {}
     return {
-        "gpu": str(first.get("gpu", "unknown")), "sglang": str(first.get("sglang", "unknown")),
-        "model": str(first.get("model", "unknown")), "date": str(first.get("date", "unknown")),
+        "gpu": _joined(sources, "gpu"), "sglang": _joined(sources, "sglang"), "model": _joined(sources, "model"),
+        "date": max((str(d["date"]) for d in sources if d.get("date")), default="unknown"),
         "accuracy": acc, "speed": spd,
         "prefix_sharing": {"agreement": _f(ps.get("agreement")), "codes_reused": _i(ps.get("codes_reused")),
                            "codes_encoded": _i(ps.get("codes_encoded")),
@@ -86,11 +93,11 @@ def accuracy_table(acc: list[dict]) -> list[str]:
 def speed_table(spd: list[dict], raw: dict) -> list[str]:
     if not spd:
         return ["(no speed results)"]
-    lines = ["| model | context | batch | dense tok/s | rabitq tok/s | speedup | Amdahl limit | budget | encode ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| GPU | model | context | batch | dense tok/s | rabitq tok/s | speedup | Amdahl limit | budget | encode ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in spd:
         x = raw.get((r["model"], r["context"], r["batch"]), {})
-        lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['dense_tok_s']:.0f} | "
+        lines.append(f"| {x.get('gpu', '-')} | {r['model']} | {r['context']} | {r['batch']} | {r['dense_tok_s']:.0f} | "
                      f"{r['rabitq_tok_s']:.0f} | {r['speedup']:.2f} | {_fmt(x.get('amdahl_limit'))} | "
                      f"{_fmt(r['budget'], '{:.1%}')} | {_fmt(x.get('encode_overhead_ms'), '{:.1f}')} |")
     lines.append("")
@@ -199,7 +206,7 @@ def main(argv=None):
     speed = [d for d in map(_load, args.speed) if d]
     prefix = _load(args.prefix)
     summary = build_summary(accuracy, speed, prefix)
-    raw_speed = {(r["model"], r["context"], r["batch"]): r for d in speed for r in d.get("rows", [])}
+    raw_speed = {(r["model"], r["context"], r["batch"]): {**r, "gpu": d.get("gpu")} for d in speed for r in d.get("rows", [])}
     out = Path(args.out_dir)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or []))

@@ -63,6 +63,17 @@ def test_build_summary_schema():
     json.dumps(s)  # plain JSON
 
 
+def test_summary_of_several_gpus_names_them_all():
+    h200 = {**SPEED, "gpu": "NVIDIA H200", "date": "2026-12-01T20:00:00+00:00",
+            "rows": [{**SPEED["rows"][0], "model": "qwen15"}]}
+    s = SM.build_summary([ACC], [SPEED, h200], PREFIX)
+    check_schema(s)
+    assert s["gpu"] == "NVIDIA H100 80GB HBM3, NVIDIA H200" and s["date"] == h200["date"]
+    raw = {(r["model"], r["context"], r["batch"]): {**r, "gpu": d["gpu"]} for d in (SPEED, h200) for r in d["rows"]}
+    table = "\n".join(SM.speed_table(s["speed"], raw))
+    assert "| NVIDIA H200 | qwen15 | 8192 |" in table and "| NVIDIA H100 80GB HBM3 | qwen05 | 8192 |" in table
+
+
 def test_build_summary_from_nothing():
     s = SM.build_summary([], [], None)
     check_schema(s)

@@ -197,9 +197,14 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_se
     rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
                         batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p, score_temperature=temperature)
     cpu = {k: v.cpu() for k, v in vars(batch).items()}
+    # the reference selects from the kernel's INT4 query (test_prepare_query_matches_reference checks
+    # it): a level that rounds the other way on a .5 edge shifts every estimate and can move a bin
+    n = len(lens)
+    query = (_int4_from_planes(ws.qbits[:n].cpu()).int(), ws.qscal[:n, :, 0].cpu(), ws.qscal[:n, :, 1].cpu())
     ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
                                   cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
-                                  top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature)
+                                  top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature,
+                                  query=query)
     assert not out.isnan().any()
     kept = ws.kept_tokens(len(lens)).cpu()
     for b in range(len(lens)):
@@ -305,3 +310,36 @@ def test_decode_step_replays_in_a_cuda_graph_bit_identically(fresh_seed):
     assert not graphed.isnan().any()
     assert torch.equal(graphed, eager)
     assert torch.equal(kept_graph, ws.kept_tokens(len(lens)))
+
+
+def _poison_workspace(ws: DecodeWorkspace) -> None:
+    """Garbage in every scratch buffer, as if another batch had just used them."""
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    for t in [*vars(ws).values(), ws.stats.max, ws.stats.top, ws.stats.count]:
+        if isinstance(t, torch.Tensor) and t is not ws.seed and t is not ws.plan.rows:
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g, device=DEVICE).to(t.dtype) * 1e4)
+                t.view(-1)[::7] = float("nan")
+            else:
+                t.copy_(torch.randint(-2**30, 2**30, t.shape, generator=g, device=DEVICE).to(t.dtype))
+
+
+def test_decode_layer_output_does_not_depend_on_stale_workspace(fresh_seed):
+    """A server reuses one workspace for every layer and step: no result may depend on what an
+    earlier launch left in it (a history-dependent read makes greedy output unrepeatable)."""
+    hq, hkv, d = 8, 2, 64
+    lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
+    encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, encoded=encoded, seed=fresh_seed)
+    ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
+    runs = []
+    for poison in (False, True):
+        if poison:
+            _poison_workspace(ws)
+        ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, 16, 32, ws.num_chunks(len(lens)))
+        out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                            batch.req_to_token, ws, out, sm_scale=d**-0.5, top_p=0.9, score_temperature=0.6)
+        runs.append((out.clone(), ws.kept_tokens(len(lens)).clone()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -50,19 +50,22 @@ def rabitq_decode(
     dense: bool = False,
     selector: str = "hist",
     score_temperature: float = 1.0,
+    query: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
 
     ``selector="hist"`` mirrors the kernels (histogram threshold over the logits rounded to the
     kernels' storage dtype); ``"exact"`` uses the minimal sort-based top-p set on full-precision logits.
     ``dense=True`` attends every token (the layers kept dense). Selection uses the estimated logits
-    times ``score_temperature``; attention uses ``sm_scale``.
+    times ``score_temperature``; attention uses ``sm_scale``. ``query``: a given ``(q_u, delta, qmin)``
+    in place of ``quantize_query(q, rot)`` (a kernel's rotation sums in another order, so a value on a
+    rounding edge can take the other INT4 level, which moves every estimate a little).
     """
     select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
     group = hq // hkv
-    q_u, delta, qmin = quantize_query(q, rot)
+    q_u, delta, qmin = quantize_query(q, rot) if query is None else query
     out = torch.empty(bsz, hq, d, dtype=torch.float32, device=q.device)
     attended: list[list[torch.Tensor]] = []
     for b in range(bsz):
