@@ -5,7 +5,8 @@
     python eval/bench_decode.py --model /tmp/models/smollm2 --quick
 
 For each backend one server; for each batch b and context (plus the --ref-context reference, 1K): b concurrent
-/generate requests of exactly ``context`` random token ids, ``--gen`` new tokens with ignore_eos, streamed.
+/generate requests of exactly ``context`` tokens of English filler text (``--prompts random``, or a model
+without a tokenizer: random ids), ``--gen`` new tokens with ignore_eos, streamed.
 Decode speed is taken in the window where all b requests are decoding (after the last first token, before
 the first finish). Also: single-request prefill time per context (rabitq - dense = encode overhead).
 Amdahl reference: speedup(ctx) = rabitq_tok_s / dense_tok_s next to limit(ctx) = dense_tpot(ctx)/dense_tpot(1K),
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval import server as S  # noqa: E402
+from eval import tasks as T  # noqa: E402
 
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -58,6 +60,27 @@ def random_ids(vocab: int, n: int, seed: str) -> list[int]:
     return [rng.randrange(100, hi) for _ in range(n)]
 
 
+class PromptIds:
+    """Prompts of exactly n tokens: tokenized English filler text (the accuracy tasks' haystack) when
+    the model has a tokenizer, else random ids. The kind matters for rabitq: attention over random
+    ids is diffuse, so top-p keeps much of the context (55 % at 32K on Qwen2.5-0.5B) where text
+    gives the peaked attention a sparse method is for. Each seed gives its own text (no shared
+    prefix between the requests of a batch)."""
+
+    def __init__(self, vocab: int, tokenizer=None):
+        self.vocab, self.tokenizer = vocab, tokenizer
+        self.kind = "text" if tokenizer is not None else "random"
+
+    def __call__(self, n: int, seed: str) -> list[int]:
+        if self.tokenizer is None:
+            return random_ids(self.vocab, n, seed)
+        pool, ids, sentences = T.SentencePool(random.Random(f"text-{seed}")), [], 0
+        while len(ids) < n:  # filler sentences are ~12 tokens: grow by a margin, tokenize once more
+            sentences = max(2 * sentences, (n - len(ids)) // 8 + 16)
+            ids = self.tokenizer.encode(" ".join(pool.take(sentences)), add_special_tokens=False)
+        return ids[:n]
+
+
 def decode_stats(results: list[dict]) -> dict:
     """Decode speed from per-request chunk timestamps.
 
@@ -83,10 +106,10 @@ def decode_stats(results: list[dict]) -> dict:
     return {"tpot_ms": 1e3 * tpot, "tok_s": len(ok) / tpot, "window": False, "requests": len(ok)}
 
 
-def measure(srv, vocab, ctx, batch, gen, tag, before=None) -> dict:
+def measure(srv, prompts, ctx, batch, gen, tag, before=None) -> dict:
     """One measurement; ``before``: counters at its start (read now when not given). The counters at its
     end are returned under "_after" (pass them on as the next ``before``)."""
-    payloads = [{"input_ids": random_ids(vocab, ctx, f"{tag}-{ctx}-{batch}-{j}"),
+    payloads = [{"input_ids": prompts(ctx, f"{tag}-{ctx}-{batch}-{j}"),
                  "sampling_params": {"max_new_tokens": gen, "ignore_eos": True, "temperature": 0.0}}
                 for j in range(batch)]
     before = srv.snapshot() if before is None else before
@@ -103,12 +126,12 @@ def measure(srv, vocab, ctx, batch, gen, tag, before=None) -> dict:
             "_after": after}
 
 
-def measure_repeated(srv, vocab, ctx, batch, gen, seed, repeats) -> dict:
+def measure_repeated(srv, prompts, ctx, batch, gen, seed, repeats) -> dict:
     """``repeats`` measurements with fresh token ids; the median one by tok/s, all of them kept."""
     runs, before = [], None
     for k in range(repeats):
         srv.flush_cache()
-        runs.append(measure(srv, vocab, ctx, batch, gen, f"{seed}-{k}", before))
+        runs.append(measure(srv, prompts, ctx, batch, gen, f"{seed}-{k}", before))
         before = runs[-1].pop("_after")
     good = sorted((r for r in runs if r.get("tok_s")), key=lambda r: r["tok_s"])
     best = dict(good[len(good) // 2]) if good else dict(runs[-1])
@@ -116,12 +139,12 @@ def measure_repeated(srv, vocab, ctx, batch, gen, seed, repeats) -> dict:
     return best
 
 
-def prefill_time(srv, vocab, ctx, reps) -> float | None:
+def prefill_time(srv, prompts, ctx, reps) -> float | None:
     """Median time to the first token of a single request of ctx fresh tokens (prefill + its encode); one
     extra request first, not counted (it compiles/allocates for this length)."""
     times = []
     for i in range(reps + 1):
-        p = {"input_ids": random_ids(vocab, ctx, f"prefill-{ctx}-{i}"),
+        p = {"input_ids": prompts(ctx, f"prefill-{ctx}-{i}"),
              "sampling_params": {"max_new_tokens": 1, "ignore_eos": True, "temperature": 0.0}}
         try:
             r = S.generate_stream(srv.url, p)
@@ -135,10 +158,13 @@ def prefill_time(srv, vocab, ctx, reps) -> float | None:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dummy", choices=sorted(DUMMY), help="random weights of a known shape (config.json only)")
     ap.add_argument("--dummy-dir", default="/tmp/rabitq-dummy-models")
+    ap.add_argument("--prompts", choices=["auto", "text", "random"], default="auto",
+                    help="prompt tokens: filler text (auto: when the model has a tokenizer) or random ids")
 
 
-def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, int]:
-    """(model name, vocabulary size); ``--dummy`` writes its config folder and points ``args.model`` at it."""
+def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, PromptIds]:
+    """(model name, prompt maker); ``--dummy`` writes its config folder and points ``args.model`` at it.
+    ``args.prompts``: ``text`` needs the model's tokenizer, ``auto`` uses it when there is one."""
     if args.dummy:
         name, cfg = DUMMY[args.dummy]
         args.model = str(write_model_config(Path(args.dummy_dir) / args.dummy, cfg))
@@ -146,7 +172,12 @@ def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, int]:
         ap.error("--model or --dummy is required")
     else:
         name = Path(args.model).name
-    return name, int(json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000))
+    vocab = int(json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 32000))
+    kind = getattr(args, "prompts", "random")
+    tokenizer = None if kind == "random" or args.dummy else T.load_tokenizer(args.model)
+    if kind == "text" and tokenizer is None:
+        ap.error(f"--prompts text needs a tokenizer in {args.model}")
+    return name, PromptIds(vocab, tokenizer)
 
 
 def speed_server(args, kind: str, index: int, ctx_len: int) -> S.Server:
@@ -157,7 +188,7 @@ def speed_server(args, kind: str, index: int, ctx_len: int) -> S.Server:
                         extra=extra, env=env)
 
 
-def run_backend(args, kind, index, vocab, ctx_len) -> dict:
+def run_backend(args, kind, index, prompts, ctx_len) -> dict:
     srv = speed_server(args, kind, index, ctx_len)
     out = {"backend": kind, "points": [], "prefill_ms": {}, "skipped": []}
     with srv:
@@ -168,15 +199,15 @@ def run_backend(args, kind, index, vocab, ctx_len) -> dict:
         fits = lambda ctx, b: not cap or b * (ctx + args.gen) <= 0.95 * cap  # noqa: E731
         for b in args.batches:  # warm-up, not recorded: every batch size once, at the reference context
             if fits(args.ref_context, b):
-                measure(srv, vocab, args.ref_context, b, min(args.gen, 32), "warm", before={})
+                measure(srv, prompts, args.ref_context, b, min(args.gen, 32), "warm", before={})
         for b in args.batches:
             for ctx in contexts:
                 if not fits(ctx, b):
                     out["skipped"].append({"context": ctx, "batch": b, "reason": f"KV pool holds {cap} tokens"})
                     continue
-                out["points"].append(measure_repeated(srv, vocab, ctx, b, args.gen, args.seed, args.repeats))
+                out["points"].append(measure_repeated(srv, prompts, ctx, b, args.gen, args.seed, args.repeats))
         for ctx in contexts:
-            out["prefill_ms"][str(ctx)] = prefill_time(srv, vocab, ctx, args.prefill_reps)
+            out["prefill_ms"][str(ctx)] = prefill_time(srv, prompts, ctx, args.prefill_reps)
         out["startup_s"] = srv.startup_s
     return out
 
@@ -231,12 +262,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     S.apply_quick(ap, args, {"contexts": [4096, 8192], "batches": [1, 8], "gen": 64, "prefill_reps": 2,
                              "repeats": 2})
-    name, vocab = resolve_model(ap, args)
+    name, prompts = resolve_model(ap, args)
     args.out = args.out or str(S.RESULTS / "speed.json")
     ctx_len = args.context_length or max(args.contexts + [args.ref_context]) + args.gen + 64
 
-    result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}, "rows": []}
-    S.run_backends(args, result, lambda kind, i: run_backend(args, kind, i, vocab, ctx_len), "bench_decode")
+    result = {**S.env_info(args.model), "model_name": name, "prompts": prompts.kind, "config": vars(args), "runs": {},
+              "rows": []}
+    S.run_backends(args, result, lambda kind, i: run_backend(args, kind, i, prompts, ctx_len), "bench_decode")
     result["rows"] = combine(result["runs"], args.ref_context, name)
     S.write_json(args.out, result)
     print_rows(result["rows"])

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval import server as S  # noqa: E402
-from eval.bench_decode import add_model_args, random_ids, resolve_model, speed_server  # noqa: E402
+from eval.bench_decode import add_model_args, resolve_model, speed_server  # noqa: E402
 
 GRAPH_LAUNCH = {"cudaGraphLaunch", "cuGraphLaunch"}
 KERNEL_LAUNCH = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
@@ -120,7 +120,7 @@ def wait_for_trace(folder: Path, timeout: float) -> Path:
     raise TimeoutError(f"no trace in {folder} after {timeout:.0f} s")
 
 
-def profile_backend(args, kind: str, index: int, vocab: int, ctx_len: int) -> dict:
+def profile_backend(args, kind: str, index: int, prompts, ctx_len: int) -> dict:
     srv = speed_server(args, kind, index, ctx_len)
     trace_dir = Path(args.out).parent / "traces" / f"{Path(args.out).stem}-{kind}"
     trace_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def profile_backend(args, kind: str, index: int, vocab: int, ctx_len: int) -> di
     results, first_tokens = [], threading.Semaphore(0)
 
     def one(i: int) -> None:
-        payload = {"input_ids": random_ids(vocab, args.context, f"profile-{i}"),
+        payload = {"input_ids": prompts(args.context, f"profile-{i}"),
                    "sampling_params": {"max_new_tokens": args.gen, "ignore_eos": True, "temperature": 0.0}}
         try:
             results.append(S.generate_stream(srv.url, payload, on_first_token=first_tokens.release))
@@ -138,7 +138,7 @@ def profile_backend(args, kind: str, index: int, vocab: int, ctx_len: int) -> di
             first_tokens.release()
 
     with srv:
-        S.generate_stream(srv.url, {"input_ids": random_ids(vocab, 256, "warm"),  # compiles, not recorded
+        S.generate_stream(srv.url, {"input_ids": prompts(256, "warm"),  # compiles, not recorded
                                     "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}})
         threads = [threading.Thread(target=one, args=(i,)) for i in range(args.batch)]
         for t in threads:
@@ -201,11 +201,11 @@ def main(argv=None):
     ap.add_argument("--trace-timeout", type=float, default=300.0)
     ap.add_argument("--keep-traces", action="store_true")
     args = ap.parse_args(argv)
-    name, vocab = resolve_model(ap, args)
+    name, prompts = resolve_model(ap, args)
     args.out = args.out or str(S.RESULTS / "profile.json")
     ctx_len = args.context_length or args.context + args.gen + 64
     result = {**S.env_info(args.model), "model_name": name, "config": vars(args), "runs": {}}
-    S.run_backends(args, result, lambda kind, i: profile_backend(args, kind, i, vocab, ctx_len), "profile_decode")
+    S.run_backends(args, result, lambda kind, i: profile_backend(args, kind, i, prompts, ctx_len), "profile_decode")
     Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(markdown(result), flush=True)
     return result

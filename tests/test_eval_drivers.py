@@ -355,6 +355,7 @@ if __name__ != "__main__":
                            "--batches", "1,4", "--gen", "12", "--prefill-reps", "1", "--repeats", "1",
                            "--metrics-settle", "0.3"])
         data = json.loads(out.read_text())
+        assert data["prompts"] == "random"  # the fake model folder has no tokenizer
         assert {(r["context"], r["batch"]) for r in data["rows"]} == {(c, b) for c in (1024, 2048, 4096) for b in (1, 4)}
         assert all(r["speedup"] > 0 and r["amdahl_limit"] is not None for r in data["rows"])
         assert all(r["budget"] == pytest.approx(0.2) for r in data["rows"])  # fake: 2 (1 - p), p = 0.9

@@ -162,3 +162,20 @@ def test_document_facts_and_questions():
 
 def test_documents_differ():
     assert T.make_document(1500, 0, 0).text != T.make_document(1500, 0, 1).text
+
+
+def test_bench_prompts_are_exact_length_seeded_text():
+    from eval.bench_decode import PromptIds
+
+    class IdTokenizer(WordTokenizer):
+        def encode(self, text, add_special_tokens=False):
+            return [hash(w) % 50000 for w in super().encode(text)]
+
+    text = PromptIds(1000, IdTokenizer())
+    assert text.kind == "text"
+    a, b = text(5000, "s-0"), text(5000, "s-1")
+    assert len(a) == 5000 and len(text(37, "s-0")) == 37
+    assert a == text(5000, "s-0") and a[:50] != b[:50]  # same seed same text; a batch's requests share no prefix
+    assert len(set(a)) > 100  # words, not one repeated token
+    rand = PromptIds(1000)
+    assert rand.kind == "random" and len(rand(300, "x")) == 300 and max(rand(300, "x")) < 1000
