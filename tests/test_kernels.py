@@ -184,6 +184,30 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
                 assert same_set or abs(float(got_thr[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got_thr[g]), float(ref_thr[g]))
 
 
+def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept):
+    """Stage by stage, on what a decode launch left in its workspace: the stored logits are the
+    estimates, the thresholds are the histogram rule's on them, and the attended counts are the
+    tokens at or above a threshold of the group plus the sink and window (so a failure names its stage)."""
+    bsz, hq = ws.thr[: len(batch.seq_lens)].shape
+    hkv = batch.k_buf.shape[1]
+    group, nc = hq // hkv, ws.num_chunks(bsz)
+    q_u, delta, qmin = query
+    stored, thr = ws.logits.cpu().double(), ws.thr[:bsz].cpu().double()
+    for b in range(bsz):
+        sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, 1:6])
+        for h in range(hkv):
+            heads = range(h * group, (h + 1) * group)
+            got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
+            exact = _ref_logits(batch, b, h, group, q_u, delta, qmin, sink, window, score_scale)
+            assert torch.allclose(got, exact, rtol=1e-3, atol=1e-3), ("stored logits", b, h)
+            ref_thr = hist_threshold(got, top_p)
+            for g, qh in enumerate(heads):
+                same_set = torch.equal(got[g] >= thr[b, qh], got[g] >= ref_thr[g])
+                assert same_set, ("threshold", b, h, g, float(thr[b, qh]), float(ref_thr[g]))
+            selected = (got >= thr[b, list(heads)][:, None]).any(0).sum()
+            assert int(kept[b, h]) == int(selected) + length - (score_end - sink_end), ("compaction", b, h)
+
+
 @pytest.mark.parametrize("hq,hkv,d,temperature", [(4, 2, 64, 1.0), (8, 1, 128, 0.6), (14, 2, 64, 0.6)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_seed):
@@ -207,6 +231,7 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_se
                                   query=query)
     assert not out.isnan().any()
     kept = ws.kept_tokens(len(lens)).cpu()
+    _check_decode_stages(batch, ws, query, sink, window, sm * temperature, top_p, kept)
     for b in range(len(lens)):
         for h in range(hkv):
             n_ref = len(attended[b][h])
