@@ -93,3 +93,16 @@ def test_main_writes_json_markdown_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 1000
     assert (tmp_path / "speedup_vs_context.png").stat().st_size > 1000
+
+
+def test_gpu_suite_records_every_step_and_goes_on_after_a_failure(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suite"
+    subprocess.run(["bash", str(root / "eval" / "gpu_suite.sh"), "unused-model", str(out), "nosuchstep", "summary"],
+                   check=True, capture_output=True, timeout=120)
+    progress = (out / "progress").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in progress] == ["start nosuchstep", "end nosuchstep rc=2",
+                                                            "start summary", "end summary rc=0"]
+    assert json.loads((out / "summary.json").read_text())["speed"] == []  # no inputs: empty sections

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement of this project, one after another on one GPU:
+#
+#   bash eval/gpu_suite.sh MODEL OUT_DIR [STEP ...]
+#
+# STEP (default: all, in this order): kernels e2e speed accuracy prefix profile summary
+#   kernels   kernel tests at GPU shapes (fresh seeds), then the recorded seed that has failed there
+#   e2e       eval/e2e_smoke.py: OpenAI API, top-p 1 == dense, repeatability, CUDA graph on/off, multi-turn
+#   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts)
+#   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P, ACC_SAMPLES per task
+#   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
+#   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
+#   summary   eval/summary.py over what the steps above wrote
+# Each step writes OUT_DIR/<step>.log and its results under OUT_DIR; OUT_DIR/progress records every
+# step's start, end and exit status. A failing step does not stop the next one.
+set -u
+MODEL=${1:?usage: bash eval/gpu_suite.sh MODEL OUT_DIR [STEP ...]}
+OUT=${2:?usage: bash eval/gpu_suite.sh MODEL OUT_DIR [STEP ...]}
+shift 2
+STEPS=${*:-kernels e2e speed accuracy prefix profile summary}
+SPEED_CONTEXTS=${SPEED_CONTEXTS:-8192,32768}
+SPEED_BATCHES=${SPEED_BATCHES:-16}
+ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
+ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
+ACC_SAMPLES=${ACC_SAMPLES:-5}
+PREFIX_ARGS=${PREFIX_ARGS:---docs 2 --doc-tokens 16000 --users 16 --concurrency 4,16 --chats 4 --turns 3}
+FAILING_SEED=773259024  # gpu_kernel_tests.md: fails on the GPU only
+
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+run_step() {
+    case $1 in
+    kernels)
+        python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plan.py tests/test_kernel_sass.py
+        local rc=$?
+        RABITQ_TEST_SEED=$FAILING_SEED python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k decode_layer
+        return $rc ;;
+    e2e) python3 eval/e2e_smoke.py --model "$MODEL" --out "$OUT/e2e_smoke.json" ;;
+    speed) python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
+        --out "$OUT/speed.json" --log-dir "$OUT/logs" ;;
+    accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
+        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" ;;
+    # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
+    prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \
+        --log-dir "$OUT/logs" ;;
+    profile) python3 eval/profile_decode.py --dummy llama8b --context 8192 --batch 1 --out "$OUT/profile.json" \
+        --log-dir "$OUT/logs" ;;
+    summary) python3 eval/summary.py --accuracy "$OUT/accuracy.json" --speed "$OUT/speed.json" \
+        --prefix "$OUT/prefix_sharing.json" --out-dir "$OUT" ;;
+    *) echo "unknown step $1 (steps: kernels e2e speed accuracy prefix profile summary)"; return 2 ;;
+    esac
+}
+
+for step in $STEPS; do
+    echo "$(date -u +%FT%TZ) start $step" >> "$OUT/progress"
+    run_step "$step" > "$OUT/$step.log" 2>&1
+    rc=$?
+    echo "$(date -u +%FT%TZ) end $step rc=$rc" >> "$OUT/progress"
+done
+cat "$OUT/progress"
