@@ -102,15 +102,17 @@ class RaBitQAttnBackend(AttentionBackend):
         self.dense.init_forward_metadata(forward_batch)
         rids = getattr(forward_batch, "rids", None)
         if rids:
-            self.request_budgets.start(forward_batch.req_pool_indices.tolist(), rids)
-        slots, reused, encoded = plan_extend(
-            self.pool, self.req_to_token, forward_batch.req_pool_indices,
-            list(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
+            self.request_budgets.start(forward_batch.req_pool_indices, rids)
+        self._extend_slots, counts = plan_extend(
+            self.pool, self.req_to_token, forward_batch.req_pool_indices, forward_batch.extend_prefix_lens,
+            sum(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
         )
-        self._extend_slots = slots
-        self.stats.add("codes_reused", reused)
-        self.stats.add("codes_encoded", encoded)
-        self.stats.maybe_log()
+        self.stats.add_many(("codes_reused", "codes_encoded"), counts)
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        if self.stats.maybe_log():  # the same cadence (and host sync) reports the requests that ended
+            self.request_budgets.collect()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         # CUDA graphs cover decode only; this runs eagerly before capture and before each replay
@@ -130,7 +132,7 @@ class RaBitQAttnBackend(AttentionBackend):
                           mutate=mutate)
         if mutate:
             self.stats.add_many(("dense_fallback_requests", "codes_encoded"), self.ws.plan.totals)
-            self.stats.maybe_log()
+            self._maybe_log()
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if max_bs > self.ws.plan.rows.shape[0]:

@@ -1,6 +1,6 @@
 """Planning, once per forward batch: which slots to encode, the decode regions, and the validity
-bookkeeping of the code pool. Decode batches plan in one device launch without a host sync (it
-runs before every CUDA-graph replay); extend batches plan with torch ops on the host.
+bookkeeping of the code pool. Decode batches plan in one device launch (it runs before every
+CUDA-graph replay), extend batches in a few torch ops whose sizes the host knows; neither syncs.
 """
 
 from __future__ import annotations
@@ -12,29 +12,35 @@ from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodeWorkspace
 from sglang_rabitq.kernels.plan import plan_decode
 
 
-def plan_extend(pool: CodePool, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                prefix_lens: list[int], seq_lens: torch.Tensor, out_cache_loc: torch.Tensor):
+def plan_extend(pool: CodePool, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
+                total_prefix: int, seq_lens: torch.Tensor, out_cache_loc: torch.Tensor):
     """Slots an extend batch must encode: its new tokens plus any prefix slot without a valid code
     (e.g. the lazily-encoded tail of an earlier turn that the radix cache now shares).
 
-    Marks them valid and records that each request's codes reach its full length. Returns
-    ``(slots, reused, encoded)``.
+    ``prefix_lens`` is the device tensor of the batch's prefix lengths and ``total_prefix`` their sum
+    (known on the host). Returns ``(slots, counts)``: every prefix slot and new slot in order, int64,
+    with -1 for a prefix slot whose code is valid (the encode kernel skips it), and ``counts [2]`` on
+    the device = (codes reused, codes to encode). Marks all of them valid and records that each
+    request's codes reach its full length. Device ops of host-known sizes only: no host sync, so the
+    scheduler can prepare the next batch while the GPU runs this one.
     """
     device = req_to_token.device
-    total_prefix = int(sum(prefix_lens))
+    new = out_cache_loc.to(torch.int64)
     if total_prefix:
-        lens = torch.tensor(prefix_lens, device=device)
-        rows = torch.repeat_interleave(req_pool_indices.to(device), lens)
+        lens = prefix_lens.to(device=device, dtype=torch.int64)
+        rows = torch.repeat_interleave(req_pool_indices.to(torch.int64), lens, output_size=total_prefix)
         starts = torch.cumsum(lens, 0) - lens
-        cols = torch.arange(total_prefix, device=device) - torch.repeat_interleave(starts, lens)
-        prefix_slots = req_to_token[rows, cols].to(torch.int64)
-        stale = prefix_slots[~pool.valid[prefix_slots]]
+        cols = torch.arange(total_prefix, device=device) - torch.repeat_interleave(starts, lens, output_size=total_prefix)
+        prefix = req_to_token[rows, cols].to(torch.int64)
+        valid = pool.valid[prefix]
+        slots = torch.cat([torch.where(valid, -1, prefix), new])
+        reused = valid.sum()
+        pool.valid.index_fill_(0, prefix, True)  # a scalar fill: no copy from host memory
     else:
-        stale = out_cache_loc.new_empty(0, dtype=torch.int64)
-    slots = torch.cat([stale, out_cache_loc.to(torch.int64)])
-    pool.valid.index_fill_(0, slots, True)  # a scalar fill: no copy from host memory
+        slots, reused = new, torch.zeros((), dtype=torch.int64, device=device)
+    pool.valid.index_fill_(0, new, True)
     pool.encoded_len[req_pool_indices.to(torch.int64)] = seq_lens.to(torch.int32)
-    return slots, total_prefix - stale.numel(), slots.numel()
+    return slots, torch.stack([reused, slots.numel() - reused])
 
 
 class DecodePlanner:

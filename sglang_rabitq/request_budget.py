@@ -1,9 +1,11 @@
 """Per-request decode budget: tokens attended / context tokens over a request's decode steps.
 
 Counters live per request-pool row on the device and are added to inside decode steps (CUDA graphs
-too). A row's request is known from the extend batches (eager, host-side): when a row starts serving
-a new request id, the previous request there has finished, and its budget is reported (info log,
-``sglang_rabitq_request_budget`` histogram with --enable-metrics, and ``finished``).
+too). Extend batches name each row's request: when a row starts serving a new request, the previous
+request there has finished; its counts are moved into a ring of ended requests and the row starts
+afresh, all on the device (no host sync on the scheduler's path). The host reads the ring when the
+backend logs (``collect``): each ended request is reported at info level, observed in the
+``sglang_rabitq_request_budget`` histogram (--enable-metrics) and kept in ``finished``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,23 @@ import torch
 
 logger = logging.getLogger("sglang_rabitq")
 
+RING_SIZE = 4096  # ended requests held between two collects; older ones beyond it are counted as lost
+
 
 class RequestBudgets:
     def __init__(self, num_rows: int, device, export_metrics: bool):
         # [attended, context, steps] per row; the extra last row takes CUDA-graph padding rows
         self.counts = torch.zeros(num_rows + 1, 3, dtype=torch.int64, device=device)
         self.dump_row = num_rows
-        self.rid = [None] * num_rows
+        self.row_key = torch.zeros(num_rows, dtype=torch.int64, device=device)  # request served (0: none)
+        # (key, attended, context, steps) of ended requests; the extra last entry takes rows that did not end
+        self.ring = torch.zeros(RING_SIZE + 1, 4, dtype=torch.int64, device=device)
+        self.ring_written = torch.zeros((), dtype=torch.int64, device=device)
+        self._ring_read = 0
+        self._keys: dict = {}  # rid -> key of the requests not yet reported
+        self._rids: dict[int, object] = {}  # key -> rid
+        self._next_key = 1
+        self.lost = 0  # ended requests overwritten in the ring before a collect read them
         self.finished: list[dict] = []  # most recent reports, newest last (bounded)
         self._hist = self._make_histogram() if export_metrics else None
 
@@ -41,17 +53,43 @@ class RequestBudgets:
                             torch.ones_like(rows)], dim=1)
         self.counts.index_add_(0, rows, step)
 
-    def start(self, rows: list[int], rids: list) -> None:
-        """An extend batch's rows and request ids: report and reset rows that changed request."""
-        ended = [(row, self.rid[row]) for row, rid in zip(rows, rids) if self.rid[row] not in (None, rid)]
-        if ended:
-            idx = torch.tensor([row for row, _ in ended], device=self.counts.device)
-            values = self.counts[idx].tolist()  # one host sync, extend batches only
-            self.counts.index_fill_(0, idx, 0)
-            for (_, rid), (attended, context, steps) in zip(ended, values):
+    def _key(self, rid) -> int:
+        key = self._keys.get(rid)
+        if key is None:
+            key = self._keys[rid] = self._next_key
+            self._rids[key] = rid
+            self._next_key += 1
+        return key
+
+    def start(self, rows: torch.Tensor, rids: list) -> None:
+        """An extend batch's rows (device) and request ids: rows that changed request hand their counts
+        to the ring and restart (device ops; the keys travel through pinned memory, without a sync)."""
+        keys = torch.tensor([self._key(rid) for rid in rids], dtype=torch.int64)
+        if rows.is_cuda:
+            keys = keys.pin_memory().to(rows.device, non_blocking=True)
+        rows = rows.to(torch.int64)
+        old = self.row_key[rows]
+        changed = old != keys
+        ended = changed & (old != 0)
+        at = torch.where(ended, (self.ring_written + torch.cumsum(ended, 0) - 1) % RING_SIZE, RING_SIZE)
+        self.ring[at] = torch.cat([old[:, None], self.counts[rows]], dim=1)
+        self.ring_written += ended.sum()
+        self.counts[rows] = torch.where(changed[:, None], 0, self.counts[rows])
+        self.row_key[rows] = keys
+
+    def collect(self) -> None:
+        """Report the requests that ended since the last collect (one host sync; the backend calls it
+        when it logs)."""
+        written = int(self.ring_written)
+        first = max(self._ring_read, written - RING_SIZE)
+        self.lost += first - self._ring_read
+        if written > first:
+            at = torch.arange(first, written, device=self.ring.device) % RING_SIZE
+            for key, attended, context, steps in self.ring[at].tolist():
+                rid = self._rids.pop(key, None)
+                self._keys.pop(rid, None)
                 self._report(rid, attended, context, steps)
-        for row, rid in zip(rows, rids):
-            self.rid[row] = rid
+        self._ring_read = written
 
     def _report(self, rid, attended: int, context: int, steps: int) -> None:
         if steps == 0:

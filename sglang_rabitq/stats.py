@@ -75,10 +75,11 @@ class RaBitQStats:
         values["budget"] = values["attended_tokens"] / values["context_tokens"] if values["context_tokens"] else None
         return values
 
-    def maybe_log(self) -> None:
+    def maybe_log(self) -> bool:
+        """Log (and export) the totals if ``LOG_EVERY_S`` has passed since the last time; says whether it did."""
         now = time.monotonic()
         if now - self._last_log < LOG_EVERY_S:
-            return
+            return False
         self._last_log = now
         snap = self.snapshot()
         budget = "n/a" if snap["budget"] is None else f"{snap['budget']:.3f}"
@@ -94,3 +95,4 @@ class RaBitQStats:
                 self._exported[f] = snap[f]
             self._prom["encode_seconds"].inc(snap["encode_seconds"] - self._exported_seconds)
             self._exported_seconds = snap["encode_seconds"]
+        return True

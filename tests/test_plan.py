@@ -59,3 +59,83 @@ def test_plan_kernel_matches_reference(bsz, chunk, mutate, fresh_seed):
         assert ref["overflow"] > 0 and ref["encoded"] > 0 or bsz < 8
     else:
         assert torch.equal(valid, ref_valid) and torch.equal(encoded_len, ref_encoded_len)
+
+
+def _extend_state(gen: torch.Generator):
+    """A pool with random code validity and an extend batch of three requests: two with cached
+    prefixes (one shared by both: the same slots appear twice), one without."""
+    from sglang_rabitq.code_pool import CodePool
+    from sglang_rabitq.config import RaBitQConfig
+
+    slots, cols = 4000, 600
+    pool = CodePool(RaBitQConfig(dense_layers=1), slots, 6, 2, 1, 64, DEVICE)
+    pool.valid.copy_(torch.rand(pool.valid.numel(), generator=gen) < 0.6)
+    req_to_token = torch.zeros(6, cols, dtype=torch.int32)
+    perm = torch.randperm(slots - 1, generator=gen) + 1
+    prefix_lens, new_lens, rpi = [300, 0, 120], [50, 80, 30], [4, 1, 2]
+    shared = perm[:300]
+    req_to_token[4, :300] = shared
+    req_to_token[2, :120] = shared[:120]
+    new = perm[300:300 + sum(new_lens)]
+    off = 0
+    for row, p, n in zip(rpi, prefix_lens, new_lens):
+        req_to_token[row, p:p + n] = new[off:off + n]
+        off += n
+    return pool, req_to_token, prefix_lens, new_lens, rpi, new
+
+
+def test_plan_extend_lists_every_slot_and_marks_valid_ones_skipped(fresh_seed):
+    from sglang_rabitq.planner import plan_extend
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    pool, req_to_token, prefix_lens, new_lens, rpi, new = _extend_state(gen)
+    valid_before = pool.valid.cpu().clone()
+    dev = dict(device=DEVICE)
+    seq = torch.tensor([p + n for p, n in zip(prefix_lens, new_lens)])
+    slots, counts = plan_extend(pool, req_to_token.to(**dev), torch.tensor(rpi, **dev),
+                                torch.tensor(prefix_lens, dtype=torch.int32, **dev), sum(prefix_lens), seq.to(**dev),
+                                new.to(**dev))
+    prefix = torch.cat([req_to_token[r, :p].long() for r, p in zip(rpi, prefix_lens)])
+    expect = torch.cat([torch.where(valid_before[prefix], -1, prefix), new.long()])
+    assert torch.equal(slots.cpu(), expect)
+    reused = int(valid_before[prefix].sum())
+    assert counts.cpu().tolist() == [reused, expect.numel() - reused]
+    assert pool.valid.cpu()[torch.cat([prefix, new.long()])].all()
+    untouched = torch.ones_like(valid_before)
+    untouched[torch.cat([prefix, new.long()])] = False
+    assert torch.equal(pool.valid.cpu()[untouched], valid_before[untouched])
+    assert pool.encoded_len.cpu()[rpi].tolist() == seq.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs exist on a GPU only")
+def test_planning_never_syncs_the_host(fresh_seed):
+    """Extend and decode planning (and the request-budget bookkeeping) run once per batch on the
+    scheduler's critical path: a sync there stalls the host until the GPU drains, and the overlap
+    scheduler loses its overlap."""
+    from sglang_rabitq.planner import plan_extend
+
+    gen = torch.Generator().manual_seed(fresh_seed)
+    pool, req_to_token, prefix_lens, new_lens, rpi, new = _extend_state(gen)
+    args = [pool, req_to_token.cuda(), torch.tensor(rpi).cuda(), torch.tensor(prefix_lens, dtype=torch.int32).cuda(),
+            sum(prefix_lens), torch.tensor([p + n for p, n in zip(prefix_lens, new_lens)]).cuda(), new.cuda()]
+    d_rt, rpi_d, seq_d, enc_d, valid_d = (t.cuda() for t in random_state(7, 64, gen))
+    rows = torch.zeros(7, 6, dtype=torch.int32, device="cuda")
+    enc_slots = torch.zeros(7 * 64, dtype=torch.int64, device="cuda")
+    totals, seed = torch.zeros(2, dtype=torch.int64, device="cuda"), torch.zeros(1, dtype=torch.int64, device="cuda")
+    kw = dict(capacity=10**6, num_chunks=4, sink=SINK, window=WINDOW, chunk=64, align=CHUNK_ALIGN, mutate=True)
+    plan_extend(*args)  # first calls compile and allocate outside the check
+    plan_decode(rpi_d, seq_d, d_rt, enc_d, valid_d, rows, enc_slots, totals, seed, **kw)
+    torch.cuda.synchronize()
+    from sglang_rabitq.request_budget import RequestBudgets
+
+    budgets = RequestBudgets(6, "cuda", export_metrics=False)
+    budgets.start(args[2], ["warm-0", "warm-1", "warm-2"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        budgets.start(args[2], ["req-0", "req-1", "req-2"])
+        plan_extend(*args)
+        plan_decode(rpi_d, seq_d, d_rt, enc_d, valid_d, rows, enc_slots, totals, seed, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
