@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -81,16 +82,19 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--mem-fraction-static", type=float, default=0.15)
     ap.add_argument("--out", default="eval/results/e2e_smoke.json")
+    ap.add_argument("--rabitq-args", default="",
+                    help='extra flags for every rabitq server: --rabitq-args="--rabitq-center calibrate"')
     args = ap.parse_args(argv)
+    ours = shlex.split(args.rabitq_args)
     logs = Path(args.out).parent / "logs"
     env = {"SGLANG_RABITQ_LOG_EVERY_S": "0"}  # export counters after every batch
     # ports 10 apart: SGLang also binds a few ports right above the one it serves on
     common = dict(mem_fraction_static=args.mem_fraction_static, log_path=None, env=env)
     servers = {
         "dense": Server(args.model, "flashinfer", args.port, ["--disable-prefill-cuda-graph"], **{**common, "log_path": logs / "smoke-dense.log"}),
-        "p1": Server(args.model, "rabitq", args.port + 10, ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
-        "sparse": Server(args.model, "rabitq", args.port + 20, [], **{**common, "log_path": logs / "smoke-sparse.log"}),
-        "nograph": Server(args.model, "rabitq", args.port + 30, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
+        "p1": Server(args.model, "rabitq", args.port + 10, ours + ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
+        "sparse": Server(args.model, "rabitq", args.port + 20, ours, **{**common, "log_path": logs / "smoke-sparse.log"}),
+        "nograph": Server(args.model, "rabitq", args.port + 30, ours + ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
         # the dense backend's own graph on/off agreement: the floor for rabitq's (reported)
         "dense-nograph": Server(args.model, "flashinfer", args.port + 40, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-dense-nograph.log"}),
     }

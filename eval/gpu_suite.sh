@@ -11,6 +11,7 @@
 #   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
 #   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
 #   summary   eval/summary.py over what the steps above wrote
+# RABITQ_ARGS (environment): extra flags for every rabitq server of every step.
 # Each step writes OUT_DIR/<step>.log and its results under OUT_DIR; OUT_DIR/progress records every
 # step's start, end and exit status. A failing step does not stop the next one.
 set -u
@@ -24,6 +25,7 @@ ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
 ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
 ACC_SAMPLES=${ACC_SAMPLES:-5}
 PREFIX_ARGS=${PREFIX_ARGS:---docs 2 --doc-tokens 16000 --users 16 --concurrency 4,16 --chats 4 --turns 3}
+RABITQ_ARGS=${RABITQ_ARGS:-}  # extra flags for every rabitq server, e.g. "--rabitq-center calibrate"
 FAILING_SEED=773259024  # gpu_kernel_tests.md: fails on the GPU only
 
 cd "$(dirname "$0")/.."
@@ -37,14 +39,14 @@ run_step() {
         local rc=$?
         RABITQ_TEST_SEED=$FAILING_SEED python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k decode_layer
         return $rc ;;
-    e2e) python3 eval/e2e_smoke.py --model "$MODEL" --out "$OUT/e2e_smoke.json" ;;
+    e2e) python3 eval/e2e_smoke.py --model "$MODEL" --out "$OUT/e2e_smoke.json" --rabitq-args="$RABITQ_ARGS" ;;
     speed) python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
-        --out "$OUT/speed.json" --log-dir "$OUT/logs" ;;
+        --out "$OUT/speed.json" --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
     accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
-        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" ;;
+        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
     # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
     prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \
-        --log-dir "$OUT/logs" ;;
+        --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
     profile) python3 eval/profile_decode.py --dummy llama8b --context 8192 --batch 1 --out "$OUT/profile.json" \
         --log-dir "$OUT/logs" ;;
     summary) python3 eval/summary.py --accuracy "$OUT/accuracy.json" --speed "$OUT/speed.json" \

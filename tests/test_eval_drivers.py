@@ -319,7 +319,7 @@ if __name__ != "__main__":
     def test_e2e_smoke_driver_compares_passes_from_an_empty_cache(fake, tmp_path):
         out = tmp_path / "e2e_smoke.json"
         res = e2e_smoke.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--prompts", "5",
-                              "--max-tokens", "8"])
+                              "--max-tokens", "8", "--rabitq-args=--rabitq-center calibrate"])
         checks = {c["check"]: c for c in json.loads(out.read_text())["checks"]}
         assert list(checks) == [c["check"] for c in res["checks"]]
         # the fake is deterministic: repeat runs and graph on/off agree; it answers some prompts differently
@@ -333,6 +333,9 @@ if __name__ != "__main__":
         flushes = {name: (logs / f"smoke-{name}.log").read_text().count("flush_cache")
                    for name in ("dense", "p1", "sparse", "nograph", "dense-nograph")}
         assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1}
+        for name in ("p1", "sparse", "nograph", "dense"):  # --rabitq-args reach the rabitq servers only
+            argv = next(line for line in (logs / f"smoke-{name}.log").read_text().splitlines() if "fake sglang" in line)
+            assert ("'--rabitq-center', 'calibrate'" in argv) == (name != "dense"), (name, argv)
 
     def test_profile_decode_driver(fake, tmp_path):
         out = tmp_path / "profile.json"
