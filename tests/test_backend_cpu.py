@@ -275,8 +275,7 @@ def test_a_finished_request_reports_its_own_decode_budget():
     fb = h.extend_batch([row_b], [n_pre], [100], new)
     fb.rids = ["req-b"]
     h.run(b, fb, 100)
-    assert not b.request_budgets.finished  # reported when the backend next logs
-    b.request_budgets.collect()
+    b.request_budgets.collect()  # reported when the backend logs (it may have already, on its timer)
     (report,) = b.request_budgets.finished
     assert report["rid"] == "req-a" and report["decode_steps"] == 12
     attended = report["budget"] * context
