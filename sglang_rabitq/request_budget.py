@@ -71,10 +71,11 @@ class RequestBudgets:
         old = self.row_key[rows]
         changed = old != keys
         ended = changed & (old != 0)
+        counts = self.counts[rows]
         at = torch.where(ended, (self.ring_written + torch.cumsum(ended, 0) - 1) % RING_SIZE, RING_SIZE)
-        self.ring[at] = torch.cat([old[:, None], self.counts[rows]], dim=1)
+        self.ring[at] = torch.cat([old[:, None], counts], dim=1)
         self.ring_written += ended.sum()
-        self.counts[rows] = torch.where(changed[:, None], 0, self.counts[rows])
+        self.counts[rows] = torch.where(changed[:, None], 0, counts)
         self.row_key[rows] = keys
 
     def collect(self) -> None:
