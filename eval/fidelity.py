@@ -29,7 +29,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ class StudyConfig:
     calib_top_p: tuple = (0.8, 0.9, 0.95, 0.98, 0.99)
     temperatures: tuple = (1.0, 0.85, 0.7, 0.6, 0.5)
     max_out_err_p95: float = 0.10  # the default p keeps the attention output this close to dense (95th pct)
+    top_p_scope: str = "scored"  # as --rabitq-top-p-scope (context: the sink and window's mass counts towards p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,34 +219,36 @@ def hist_prepare(x: torch.Tensor) -> dict:
     return {"m": m, "z": mass.sum(-1), "top": top, "mass": mass, "count": count, "cum": torch.cumsum(mass, 1)}
 
 
-def hist_threshold_batched(h: dict, p: float) -> torch.Tensor:
+def hist_threshold_batched(h: dict, p: float, prior_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Per row, the logit threshold of ``reference.select.hist_threshold`` (``NO_LIMIT`` for keep-all)."""
     if p >= 1.0:
         return torch.full_like(h["m"], NO_LIMIT)
     m, z = h["m"], h["z"]
-    hit = h["cum"] >= (p * z)[:, None]
+    prior = 0.0 if prior_lse is None else torch.exp((prior_lse.to(torch.float64) - m).clamp_max(700.0))
+    target = p * z - (1.0 - p) * prior  # what the bins must bring (the prior counts towards p)
+    hit = h["cum"] >= target[:, None]
     b = hit.to(torch.int8).argmax(-1, keepdim=True)  # first bin reaching p: the crossing bin
     bin_mass, bin_count = h["mass"].gather(1, b)[:, 0], h["count"].gather(1, b)[:, 0]
     mass_above = h["cum"].gather(1, b)[:, 0] - bin_mass
     # crossing_threshold(), vectorized: interpolate inside the bin, or keep a small bin whole
     lo = (h["top"] - b[:, 0]).to(torch.float64) * BIN_WIDTH
-    frac = ((p * z - mass_above) / torch.where(bin_mass > 0, bin_mass, 1.0)).clamp(0.0, 1.0)
+    frac = ((target - mass_above) / torch.where(bin_mass > 0, bin_mass, 1.0)).clamp(0.0, 1.0)
     e_hi, e_lo = torch.exp(lo + BIN_WIDTH - m), torch.exp(lo - m)
     interp = m + torch.log(e_hi - frac * (e_hi - e_lo))
     thr = torch.minimum(torch.where(bin_count <= SMALL_BIN, lo, interp), m)
     return torch.where(hit.any(-1), thr, NO_LIMIT)
 
 
-def hist_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
+def hist_keep(logits: torch.Tensor, p: float, prior_lse: torch.Tensor | None = None) -> torch.Tensor:
     """``top_p_mask_hist`` for all rows of ``logits [R, N]`` at once; ``-inf`` marks tokens not scored."""
     x = logits.to(torch.float64)
-    return x >= hist_threshold_batched(hist_prepare(x), p)[:, None]
+    return x >= hist_threshold_batched(hist_prepare(x), p, prior_lse)[:, None]
 
 
-def reference_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
+def reference_keep(logits: torch.Tensor, p: float, prior_lse: torch.Tensor | None = None) -> torch.Tensor:
     """The reference selector itself (slow): the fallback."""
     finite = torch.isfinite(logits)
-    return top_p_mask_hist(torch.where(finite, logits, 0.0), p, finite)
+    return top_p_mask_hist(torch.where(finite, logits, 0.0), p, finite, prior_lse)
 
 
 @dataclass
@@ -261,8 +264,10 @@ class Selector:
     def prepare(self, x: torch.Tensor):
         return hist_prepare(x) if self.batched else None
 
-    def keep(self, x: torch.Tensor, prep, p: float) -> torch.Tensor:
-        return x >= hist_threshold_batched(prep, p)[:, None] if self.batched else reference_keep(x, p)
+    def keep(self, x: torch.Tensor, prep, p: float, prior_lse: torch.Tensor | None = None) -> torch.Tensor:
+        if self.batched:
+            return x >= hist_threshold_batched(prep, p, prior_lse)[:, None]
+        return reference_keep(x, p, prior_lse)
 
 
 def pick_selector(seed: int = 0, rows: int = 64, n: int = 3000) -> Selector:
@@ -272,7 +277,9 @@ def pick_selector(seed: int = 0, rows: int = 64, n: int = 3000) -> Selector:
     x[::7, : n // 2] = float("-inf")
     x[5] = float("-inf")
     x[9, 10:] = float("-inf")
-    same = all(bool((hist_keep(x, p) == reference_keep(x, p)).all()) for p in (0.5, 0.8, 0.9, 0.95, 0.98, 0.995, 1.0))
+    prior = torch.logsumexp(x, -1) + torch.linspace(-5, 3, rows, dtype=torch.float64)  # sink/window mass
+    same = all(bool((hist_keep(x, p, pr) == reference_keep(x, p, pr)).all())
+               for p in (0.5, 0.8, 0.9, 0.95, 0.98, 0.995, 1.0) for pr in (None, prior))
     return Selector(batched=same)
 
 
@@ -334,8 +341,12 @@ def eval_layer(
     grid: dict,
     gen: torch.Generator,
     selector: Selector | None = None,
+    scope: str = "scored",
 ) -> LayerSamples:
     """``q [T, Hq, D]``, ``k, v [T, Hkv, D]``; decode at each ``t`` in ``positions`` over keys ``0..t``.
+
+    ``scope`` as the backend's ``--rabitq-top-p-scope``: ``context`` counts the always-attended tokens'
+    exact mass (logits of ``<q, k - c>`` at the same scale and temperature as the estimates) towards p.
 
     ``grid`` holds the tuples to sweep: centring, rounding, selection, top_p, sink_window, temperature (the
     estimated logits are multiplied by it before selection: < 1 widens the set against estimator noise).
@@ -384,6 +395,7 @@ def eval_layer(
             "always_mass": always_w.sum(-1),
             "always_out": torch.einsum("phn,nhd->phd", always_w, vv),
             "always_count": always_count,
+            "always": always,
             "scored_mass": (w * scored[:, None, :]).sum(-1),
             "oracle": ora,
             "oracle_count": {p: m.sum(-1) for p, m in ora.items()},
@@ -421,8 +433,12 @@ def eval_layer(
             for tau, (sw, r) in itertools.product(grid["temperature"], regions.items()):
                 x = (est * (scale * tau)).masked_fill(~r["scored"][:, None, :], float("-inf")).reshape(-1, n)
                 prep = selector.prepare(x)
+                prior = None
+                if scope == "context":  # the sink and window's exact mass on the estimates' scale
+                    prior = torch.logsumexp((ip_true * (scale * tau)).masked_fill(~r["always"][:, None, :], float("-inf")), -1)
+                    prior = prior.reshape(-1)
                 for p in grid["top_p"]:
-                    sel_head = selector.keep(x, prep, p).view(-1, hq, n)  # inside the scored region
+                    sel_head = selector.keep(x, prep, p, prior).view(-1, hq, n)  # inside the scored region
                     kv_sel = sel_head.view(-1, hkv, g, n).any(2)  # tokens whose K/V a kv-head reads
                     kv_budget = ((kv_sel.sum(-1) + r["always_count"]) / length[:, None]).repeat_interleave(g, 1)
                     for selection in grid["selection"]:
@@ -513,7 +529,8 @@ def run_grid(qkv: dict, positions: list[int], cfg: StudyConfig, grid: dict, sele
         t0 = time.time()
         rot = random_rotation(d, seed=cfg.seed * 1000 + layer, num_heads=hkv)  # one per (layer, kv-head)
         center = qkv["k"][layer, : cfg.calib].mean(0)  # [Hkv, D], fixed for the server's lifetime
-        res = eval_layer(qkv["q"][layer], qkv["k"][layer], qkv["v"][layer], positions, rot, center, grid, gen, selector)
+        res = eval_layer(qkv["q"][layer], qkv["k"][layer], qkv["v"][layer], positions, rot, center, grid, gen, selector,
+                         cfg.top_p_scope)
         for key, smp in res.metrics.items():
             variants.setdefault(key, []).append(smp)
         for key, st in res.estimator.items():
@@ -827,7 +844,7 @@ def render_markdown(res: dict) -> str:
         f"code, tables, dialogue, facts restated later). Main grid: {len(cfg['main_positions'])} decode positions in the "
         f"last half; at position t the cache is keys 0..t. Overall numbers pool layers >= {cfg['dense_layers']} (the "
         f"first {cfg['dense_layers']} stay dense in the backend). Centre = mean key of the first {cfg['calib']} tokens per "
-        f"(layer, kv-head). Selector: {cfg['selector']}. Date {res['date']}, wall {res['wall_s']} s, {res['versions']}.",
+        f"(layer, kv-head). Selector: {cfg['selector']}; top-p scope: {cfg.get('top_p_scope', 'scored')}. Date {res['date']}, wall {res['wall_s']} s, {res['versions']}.",
         "",
         "Metrics per (decode position, query head): *retained* = true attention mass (exact softmax over all keys) on "
         "the attended set (sink + window + selected); *scored* = the share of the scored region's true mass that was "
@@ -1079,6 +1096,10 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", default=",".join(map(str, StudyConfig.contexts)), help="comma-separated context lengths")
     ap.add_argument("--seed", type=int, default=StudyConfig.seed)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--top-p-scope", choices=("scored", "context"), default=StudyConfig.top_p_scope,
+                    help="as --rabitq-top-p-scope: context counts the sink and window's mass towards p")
+    ap.add_argument("--combination", metavar="CENTRING,ROUNDING,SELECTION,SINK_WINDOW",
+                    help="study this one combination only (e.g. none,nearest,union,64): skips the grid search")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md and plots from an existing fidelity.json")
     args = ap.parse_args(argv)
     if args.render:
@@ -1094,7 +1115,11 @@ def main(argv=None) -> None:
         context_positions=args.context_positions,
         contexts=tuple(int(c) for c in args.contexts.split(",") if c),
         seed=args.seed,
+        top_p_scope=args.top_p_scope,
     )
+    if args.combination:
+        centring, rounding, selection, sw = args.combination.split(",")
+        cfg = replace(cfg, centring=(centring,), rounding=(rounding,), selection=(selection,), sink_window=(int(sw),))
     model, tok, info = load_model(args.model)
     ids = encode_text(tok, cfg)
     info["text_sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]

@@ -15,6 +15,7 @@ from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
+from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.reference.plan import plan_rows
 from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE
 
@@ -101,6 +102,8 @@ class DecodeWorkspace:
         self.logits = torch.empty(capacity * num_q_heads, dtype=LOGIT_STORAGE_DTYPE, device=device)
         self.index = torch.empty(capacity * num_kv_heads, dtype=INDEX_DTYPE, device=device)
         self.thr = torch.empty(max_bs, num_q_heads, **f32)
+        self.prior = torch.empty(max_bs, num_q_heads, **f32)  # log-mass of each head's sink + window
+        self.zero_center = torch.zeros(num_kv_heads, head_dim, **f32)  # a constant: the centre when none is given
         self.stats = ChunkStats(most * num_q_heads, device)
         self.partial_out = torch.empty(parts * num_q_heads, head_dim, **f32)
         self.partial_lse = torch.empty(parts * num_q_heads, **f32)
@@ -125,22 +128,29 @@ def rabitq_decode_layer(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
     *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest", score_temperature: float = 1.0,
+    top_p_scope: str = "context", center: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``.
 
     Selection ranks tokens by the estimated logits times ``score_temperature`` (< 1 flattens the
     estimated softmax, which the estimator's noise makes look sharper than the true one); the
-    attention itself uses ``sm_scale``.
+    attention itself uses ``sm_scale``. ``top_p_scope`` and ``center`` (the codes' key centre,
+    ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``.
     """
+    if top_p_scope not in TOP_P_SCOPES:
+        raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {top_p_scope!r}")
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
     qscal, qbits, thr = ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
     if not dense:
-        prepare_query(q, rot, qscal, qbits, ws.seed, rounding)
+        score_scale = sm_scale * score_temperature
+        prior = ws.prior[:bsz] if top_p_scope == "context" else None
+        prepare_query(q, rot, qscal, qbits, ws.seed, rounding, prior_lse=prior, k_buf=k_buf, req_to_token=req_to_token,
+                      plan=plan, center=ws.zero_center if center is None else center, prior_scale=score_scale)
         score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
-                     sm_scale * score_temperature, k_buf.shape[1], nc)
-        top_p_threshold(ws.stats, thr, top_p, nc)
+                     score_scale, k_buf.shape[1], nc)
+        top_p_threshold(ws.stats, thr, top_p, nc, prior)
     sparse_attention(q, k_buf, v_buf, ws.logits, ws.index, req_to_token, plan, thr,
                      ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)

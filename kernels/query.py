@@ -1,5 +1,10 @@
 """Fused query rotation + INT4 quantization per (request, query head) (reference: ``quantize_query``
-and ``query_planes``): the estimate kernels read the 4 bit-planes of the INT4 query."""
+and ``query_planes``): the estimate kernels read the 4 bit-planes of the INT4 query.
+
+With a plan it also sums the exact attention mass of the request's always-attended tokens (sink
+and window) for top-p over the whole context (reference: ``dense_region_lse``): a few hundred
+keys per request, read here so that the threshold kernel needs no launch of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+PRIOR_BLOCK = 64  # keys per block of the sink/window mass
+
 
 @triton.jit
 def _prepare_query_kernel(
     q_ptr, rot_ptr, qscal_ptr, qbits_ptr, seed_ptr, stride_qb, stride_qh,
+    k_ptr, r2t_ptr, plan_ptr, center_ptr, prior_ptr, prior_scale, stride_kn, stride_kh, stride_r2t,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, RANDOM: tl.constexpr,
+    PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0)
     hq = tl.program_id(1)
@@ -40,19 +49,56 @@ def _prepare_query_kernel(
     for j in tl.static_range(4):
         words = tl.sum(((qi >> j) & 1) << tl.arange(0, 32)[None, :], axis=1)
         tl.store(qbits_ptr + (row * 4 + j) * WORDS + offs_w, words)
+    if PRIOR:
+        # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
+        # nothing to weigh against when the scored region is empty (then the request attends densely)
+        hkv = hq // GROUP
+        plan = plan_ptr + b * PLAN_FIELDS
+        rpi = tl.load(plan).to(tl.int64)
+        sink_end, score_end, length = tl.load(plan + 1), tl.load(plan + 2), tl.load(plan + 4)
+        n_dense = tl.where(score_end > sink_end, sink_end + length - score_end, 0)
+        qs = q * prior_scale
+        qc = tl.sum(qs * tl.load(center_ptr + hkv * D + offs_d), axis=0)
+        m_i = float("-inf")
+        l_i = 0.0
+        for t0 in range(0, n_dense, BLOCK_K):
+            t = t0 + tl.arange(0, BLOCK_K)
+            ok = t < n_dense
+            pos = tl.where(t < sink_end, t, t - sink_end + score_end)
+            slot = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=ok, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.where(ok, tl.sum(k.to(tl.float32) * qs[None, :], axis=1) - qc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every block holds a key
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+            m_i = m_new
+        tl.store(prior_ptr + row, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
 
 
 def prepare_query(
     q: torch.Tensor, rot: torch.Tensor, qscal: torch.Tensor, qbits: torch.Tensor,
-    seed: torch.Tensor | None = None, rounding: str = "nearest",
+    seed: torch.Tensor | None = None, rounding: str = "nearest", *,
+    prior_lse: torch.Tensor | None = None, k_buf: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
+    plan: torch.Tensor | None = None, center: torch.Tensor | None = None, prior_scale: float = 1.0,
 ) -> None:
     """``q [B, Hq, D]`` -> ``qscal [B, Hq, 3]`` = (delta, min, sum(q_u)) and the INT4 query ``q_u`` as
-    its bit-planes ``qbits [B, Hq, 4, D // 32] int32`` (``query_planes``)."""
+    its bit-planes ``qbits [B, Hq, 4, D // 32] int32`` (``query_planes``).
+
+    ``prior_lse [B, Hq]`` (optional, with ``k_buf``, ``req_to_token``, the decode ``plan`` rows and
+    the keys' ``center [Hkv, D]``): per query head, ``dense_region_lse`` of the request's sink and
+    window at ``prior_scale``; ``-inf`` for a request with an empty scored region."""
     b, hq, d = q.shape
     random = rounding == "random"
     if random and seed is None:
         raise ValueError("randomized rounding needs a device seed tensor")
+    with_prior = prior_lse is not None
+    if with_prior and any(t is None for t in (k_buf, req_to_token, plan, center)):
+        raise ValueError("the sink/window mass needs k_buf, req_to_token, plan and center")
+    k_buf = k_buf if with_prior else q  # placeholders: never read
     _prepare_query_kernel[(b, hq)](
         q, rot, qscal, qbits, seed if random else qscal, q.stride(0), q.stride(1),
+        k_buf, req_to_token if with_prior else qbits, plan if with_prior else qbits,
+        center if with_prior else qscal, prior_lse if with_prior else qscal, float(prior_scale),
+        k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0) if with_prior else 0,
         HQ=hq, GROUP=hq // rot.shape[0], D=d, RANDOM=random,
+        PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
     )

@@ -1,5 +1,6 @@
 """Top-p threshold per (request, query head) from the chunks' histograms: no sort, no host sync
-(reference: ``hist_threshold``; the crossing-bin rule is ``crossing_threshold``)."""
+(reference: ``hist_threshold``; the crossing-bin rule is ``crossing_threshold``). With ``prior_lse``
+the sink and window's mass counts towards p (top-p over the whole context)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 
 @triton.jit
 def _threshold_kernel(
-    cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, top_p, HQ, NC,
+    cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, prior_ptr, top_p, HQ, NC,
     NCP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
+    PRIOR: tl.constexpr,
 ):
     row = tl.program_id(0) * HQ + tl.program_id(1)
     base = row * NC
@@ -38,7 +40,12 @@ def _threshold_kernel(
     # a bin's mass: its count at the bin's middle logit (relative to exp(m))
     mass = count.to(tl.float32) * tl.exp((top - offs_j).to(tl.float32) * BIN_W + 0.5 * BIN_W - m0)
     cum = tl.cumsum(mass, axis=0)
-    target = top_p * tl.sum(mass, axis=0)
+    # what the bins must bring: p of (binned + prior) minus the prior; <= 0 keeps the top bin's rule
+    if PRIOR:
+        prior = tl.exp(tl.minimum(tl.load(prior_ptr + row) - m0, 80.0))  # relative to exp(m), as the bins
+    else:
+        prior = 0.0
+    target = top_p * tl.sum(mass, axis=0) - (1.0 - top_p) * prior
     k = tl.min(tl.where(cum >= target, offs_j, NB), axis=0)
     at_k = offs_j == k
     bin_mass = tl.sum(tl.where(at_k, mass, 0.0), axis=0)
@@ -62,9 +69,13 @@ def threshold_constexprs(num_chunks: int) -> dict:
     return dict(NCP=ncp, CB=min(32, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
 
 
-def top_p_threshold(stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int) -> None:
-    """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept."""
+def top_p_threshold(
+    stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int, prior_lse: torch.Tensor | None = None
+) -> None:
+    """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept.
+    ``prior_lse [B, Hq]``: log-mass of the always-attended tokens (``prepare_query``), or None."""
     bsz, hq = thr.shape
     _threshold_kernel[(bsz, hq)](
-        stats.max, stats.top, stats.count, thr, float(top_p), hq, num_chunks, **threshold_constexprs(num_chunks),
+        stats.max, stats.top, stats.count, thr, thr if prior_lse is None else prior_lse, float(top_p), hq, num_chunks,
+        PRIOR=prior_lse is not None, **threshold_constexprs(num_chunks),
     )

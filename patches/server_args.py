@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from sglang_rabitq.config import CENTER_MODES, ROUNDING_MODES, RaBitQConfig
+from sglang_rabitq.config import CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig
 
 logger = logging.getLogger("sglang_rabitq")
 ENV = "SGLANG_RABITQ_CONFIG"
@@ -23,6 +23,9 @@ def add_rabitq_args(parser) -> None:
     g.add_argument("--rabitq-score-temperature", type=float, default=_DEFAULTS.score_temperature,
                    help="estimated logits are multiplied by this before top-p; < 1 undoes the sharpening that "
                         "estimation noise causes (chosen from eval/results/fidelity.md)")
+    g.add_argument("--rabitq-top-p-scope", choices=TOP_P_SCOPES, default=_DEFAULTS.top_p_scope,
+                   help="context: p of the whole context's attention mass (the sink and recent window, attended "
+                        "exactly, count towards it); scored: p of the mass of the tokens outside them")
     g.add_argument("--rabitq-sink", type=int, default=_DEFAULTS.sink, help="first tokens always attended")
     g.add_argument("--rabitq-window", type=int, default=_DEFAULTS.window,
                    help="last tokens always attended (plus the not-yet-encoded tail)")

@@ -178,7 +178,8 @@ class RaBitQAttnBackend(AttentionBackend):
             out = torch.empty_like(q)
             rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                                 sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
-                                rounding=self.config.rounding, score_temperature=self.config.score_temperature)
+                                rounding=self.config.rounding, score_temperature=self.config.score_temperature,
+                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid])
             out = out.view(bsz, self.num_q_heads * self.head_dim)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.validation import check_non_negative, check_top_p
 
 CENTER_MODES = ("none", "calibrate")
@@ -14,6 +15,8 @@ ROUNDING_MODES = ("nearest", "random")
 class RaBitQConfig:
     top_p: float = 0.95  # estimated attention mass each query head keeps
     score_temperature: float = 0.6  # estimated logits x this before top-p (noise sharpens them)
+    # p of the whole context's mass (the sink and window's exact mass counts), or of the scored region's only
+    top_p_scope: str = "context"
     sink: int = 64  # first tokens always attended
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
     dense_layers: int = 2  # first layers attend densely
@@ -36,6 +39,8 @@ class RaBitQConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if self.center not in CENTER_MODES:
             raise ValueError(f"center must be one of {CENTER_MODES}, got {self.center!r}")
+        if self.top_p_scope not in TOP_P_SCOPES:
+            raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {self.top_p_scope!r}")
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
 

@@ -21,9 +21,11 @@ class Batch:
     req_pool_indices: torch.Tensor  # [B]
     seq_lens: torch.Tensor  # [B]
     encoded_lens: torch.Tensor  # [B]
+    center: torch.Tensor  # [Hkv, D] float32: the keys' centre the codes were encoded with
 
 
-def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, peaked=True, seed=0) -> Batch:
+def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, peaked=True, seed=0, centred=False) -> Batch:
+    """``centred``: codes of the keys minus a random centre (as ``--rabitq-center calibrate``); else zero."""
     gen = torch.Generator().manual_seed(seed)
     pool = sum(lens) + 16
     k = torch.randn(pool, hkv, d, generator=gen)
@@ -43,9 +45,10 @@ def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, pea
         req_to_token[rpi[i], :n] = perm[off : off + n].to(torch.int32)
         off += n
     rot = random_rotation(d, seed=seed, num_heads=hkv)
-    codes, factor = encode_keys(k.float(), rot)
+    center = torch.randn(hkv, d, generator=gen) * 0.5 if centred else torch.zeros(hkv, d)
+    codes, factor = encode_keys(k.float(), rot, center)
     seq = torch.tensor(lens)
     enc = torch.tensor(encoded) if encoded is not None else seq.clone()
     to = dict(device=device)
     return Batch(q.to(**to), k.to(**to), v.to(**to), codes.to(**to), factor.to(**to), rot.to(**to),
-                 req_to_token.to(**to), rpi.to(**to), seq.to(**to), enc.to(**to))
+                 req_to_token.to(**to), rpi.to(**to), seq.to(**to), enc.to(**to), center.to(**to))

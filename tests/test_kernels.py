@@ -12,6 +12,7 @@ from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, 
 from sglang_rabitq.kernels.score import ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
+from sglang_rabitq.reference.decode import dense_region_lse
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 from sglang_rabitq.reference import (
     encode_keys,
@@ -184,23 +185,32 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
                 assert same_set or abs(float(got_thr[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got_thr[g]), float(ref_thr[g]))
 
 
-def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept):
-    """Stage by stage, on what a decode launch left in its workspace: the stored logits are the
-    estimates, the thresholds are the histogram rule's on them, and the attended counts are the
-    tokens at or above a threshold of the group plus the sink and window (so a failure names its stage)."""
+def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept, scope="context"):
+    """Stage by stage, on what a decode launch left in its workspace: the sink/window mass (top-p
+    over the context), the stored logits are the estimates, the thresholds are the histogram rule's
+    on them, and the attended counts are the tokens at or above a threshold of the group plus the
+    sink and window (so a failure names its stage)."""
     bsz, hq = ws.thr[: len(batch.seq_lens)].shape
     hkv = batch.k_buf.shape[1]
     group, nc = hq // hkv, ws.num_chunks(bsz)
     q_u, delta, qmin = query
     stored, thr = ws.logits.cpu().double(), ws.thr[:bsz].cpu().double()
+    prior_all = ws.prior[:bsz].cpu().double()
+    k_buf, r2t, center = batch.k_buf.cpu(), batch.req_to_token.cpu(), batch.center.cpu()
     for b in range(bsz):
-        sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, 1:6])
+        rpi, sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, :6])
         for h in range(hkv):
             heads = range(h * group, (h + 1) * group)
+            prior = None
+            if scope == "context" and score_end > sink_end:
+                always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
+                ref_prior = dense_region_lse(batch.q[b, list(heads)].float().cpu(), k_buf[always, h], center[h], score_scale)
+                prior = prior_all[b, list(heads)]
+                assert torch.allclose(prior, ref_prior, rtol=1e-5, atol=1e-4), ("sink/window mass", b, h)
             got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
             exact = _ref_logits(batch, b, h, group, q_u, delta, qmin, sink, window, score_scale)
             assert torch.allclose(got, exact, rtol=1e-3, atol=1e-3), ("stored logits", b, h)
-            ref_thr = hist_threshold(got, top_p)
+            ref_thr = hist_threshold(got, top_p, prior_lse=prior)
             for g, qh in enumerate(heads):
                 same_set = torch.equal(got[g] >= thr[b, qh], got[g] >= ref_thr[g])
                 assert same_set, ("threshold", b, h, g, float(thr[b, qh]), float(ref_thr[g]))
@@ -208,18 +218,21 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
             assert int(kept[b, h]) == int(selected) + length - (score_end - sink_end), ("compaction", b, h)
 
 
-@pytest.mark.parametrize("hq,hkv,d,temperature", [(4, 2, 64, 1.0), (8, 1, 128, 0.6), (14, 2, 64, 0.6)])
+@pytest.mark.parametrize("hq,hkv,d,temperature,scope", [
+    (4, 2, 64, 1.0, "context"), (8, 1, 128, 0.6, "context"), (14, 2, 64, 0.6, "context"), (4, 2, 64, 1.0, "scored"),
+])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_seed):
+def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, dtype, fresh_seed):
     lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
     encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]  # request 0 has a lazy (unencoded) tail
-    batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed)
+    batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed, centred=True)
     sink, window, sm, top_p = 16, 32, d**-0.5, 0.9
     ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
     ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, sink, window, ws.num_chunks(len(lens)))
     out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=dtype)
     rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
-                        batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p, score_temperature=temperature)
+                        batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p, score_temperature=temperature,
+                        top_p_scope=scope, center=batch.center)
     cpu = {k: v.cpu() for k, v in vars(batch).items()}
     # the reference selects from the kernel's INT4 query (test_prepare_query_matches_reference checks
     # it): a level that rounds the other way on a .5 edge shifts every estimate and can move a bin
@@ -228,10 +241,10 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, dtype, fresh_se
     ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
                                   cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
                                   top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature,
-                                  query=query)
+                                  query=query, top_p_scope=scope, center=cpu["center"])
     assert not out.isnan().any()
     kept = ws.kept_tokens(len(lens)).cpu()
-    _check_decode_stages(batch, ws, query, sink, window, sm * temperature, top_p, kept)
+    _check_decode_stages(batch, ws, query, sink, window, sm * temperature, top_p, kept, scope)
     for b in range(len(lens)):
         for h in range(hkv):
             n_ref = len(attended[b][h])
@@ -341,7 +354,7 @@ def _poison_workspace(ws: DecodeWorkspace) -> None:
     """Garbage in every scratch buffer, as if another batch had just used them."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
     for t in [*vars(ws).values(), ws.stats.max, ws.stats.top, ws.stats.count]:
-        if isinstance(t, torch.Tensor) and t is not ws.seed and t is not ws.plan.rows:
+        if isinstance(t, torch.Tensor) and all(t is not c for c in (ws.seed, ws.plan.rows, ws.zero_center)):
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g, device=DEVICE).to(t.dtype) * 1e4)
                 t.view(-1)[::7] = float("nan")

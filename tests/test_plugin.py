@@ -59,7 +59,7 @@ def test_help_lists_backend_and_flags():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rabitq}" in r.stdout  # a choice of --attention-backend
     for flag in ("--rabitq-top-p", "--rabitq-score-temperature", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
-                 "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-calibrate-tokens", "--rabitq-rounding",
+                 "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-calibrate-tokens", "--rabitq-rounding", "--rabitq-top-p-scope",
                  "--rabitq-prefill-backend"):
         assert flag in r.stdout
 

@@ -8,6 +8,7 @@ from sglang_rabitq.reference import (
     random_rotation,
     sparse_decode_attention,
 )
+from sglang_rabitq.reference.decode import dense_region_lse
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (14, 2)])
@@ -78,3 +79,30 @@ def test_rabitq_decode_finds_planted_needle():
     )
     assert needle in attended[0][0].tolist()
     assert len(attended[0][0]) < 1000
+
+
+def test_context_scope_counts_the_sink_mass():
+    # a sink key holding most of every head's mass: top-p over the context needs little of the
+    # scored region, top-p over the scored region alone is blind to it
+    lens = [1500]
+    q, k, v, codes, factor, rot, r2t, rpi, seq = _batch(1, lens, 4, 2, 64, 3)
+    sink_slot = int(r2t[1, 0])
+    for h in range(2):
+        k[sink_slot, h] = q[0, 2 * h : 2 * h + 2].sum(0) * 2.0
+    codes, factor = encode_keys(k, rot)
+    kw = dict(top_p=0.9, sink=4, window=4, sm_scale=0.125)
+    _, scoped = rabitq_decode(q, k, v, codes, factor, rot, r2t, rpi, seq, seq, top_p_scope="context", **kw)
+    _, plain = rabitq_decode(q, k, v, codes, factor, rot, r2t, rpi, seq, seq, top_p_scope="scored", **kw)
+    for h in range(2):
+        assert sink_slot in scoped[0][h].tolist()
+        assert len(scoped[0][h]) < len(plain[0][h]) / 2, (len(scoped[0][h]), len(plain[0][h]))
+    with pytest.raises(ValueError, match="top_p_scope"):
+        rabitq_decode(q, k, v, codes, factor, rot, r2t, rpi, seq, seq, top_p_scope="all", **kw)
+
+
+def test_dense_region_lse_is_centred_and_scaled():
+    gen = torch.Generator().manual_seed(5)
+    q, keys, c = torch.randn(3, 64, generator=gen), torch.randn(50, 64, generator=gen), torch.randn(64, generator=gen)
+    got = dense_region_lse(q, keys, c, 0.3)
+    assert torch.allclose(got, torch.logsumexp((q @ (keys - c).T) * 0.3, -1).double(), atol=1e-5)
+    assert torch.allclose(dense_region_lse(q, keys, None, 0.3), torch.logsumexp((q @ keys.T) * 0.3, -1).double(), atol=1e-5)

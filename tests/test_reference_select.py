@@ -25,6 +25,43 @@ def test_top_p_is_minimal_and_holds_mass(p, fresh_seed):
         assert mask[r][logits[r].argmax()]
 
 
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.95])
+def test_top_p_with_prior_is_the_minimal_set_of_the_whole(p, fresh_seed):
+    # a prior is mass kept outside the row: the row then only has to make up the rest of p of the
+    # whole; stated as the minimal top-p set of the row with the prior's mass as one more (kept) entry
+    logits = torch.randn(6, 300) * 3
+    prior = torch.logsumexp(logits.double(), -1) + torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0, float("-inf")])
+    mask = top_p_mask(logits, p, prior_lse=prior)
+    for r in range(6):
+        whole = torch.softmax(torch.cat([logits[r].double(), prior[r : r + 1]]), -1)
+        need = p - float(whole[-1])  # what the row must bring
+        order = whole[:-1].argsort(descending=True, stable=True)
+        before = torch.cumsum(whole[:-1][order], 0) - whole[:-1][order]
+        expect = max(1, int((before < need).sum()))  # the arg-max always stays
+        assert int(mask[r].sum()) == expect, (r, int(mask[r].sum()), expect)
+        assert mask[r][logits[r].argmax()]
+    # no prior and a -inf prior are the plain rule
+    assert torch.equal(top_p_mask(logits, p, prior_lse=torch.full((6,), float("-inf"))), top_p_mask(logits, p))
+
+
+@pytest.mark.parametrize("p", [0.8, 0.95])
+def test_hist_with_prior_keeps_near_p_of_the_whole(p, fresh_seed):
+    logits = torch.randn(8, 2000) * 2.0
+    row_lse = torch.logsumexp(logits.double(), -1)
+    prior = row_lse + torch.linspace(-4.0, 2.0, 8, dtype=torch.float64)
+    hist = top_p_mask_hist(logits, p, prior_lse=prior)
+    exact = top_p_mask(logits, p, prior_lse=prior)
+    for r in range(8):
+        total = torch.logsumexp(torch.stack([row_lse[r], prior[r]]), 0)
+        kept = torch.exp(torch.logsumexp(torch.cat([logits[r].double()[hist[r]], prior[r : r + 1]]), 0) - total)
+        assert kept >= p - 0.025, (r, float(kept))
+        assert abs(int(hist[r].sum()) - int(exact[r].sum())) <= 0.05 * int(exact[r].sum()) + 16
+    # a prior far above the row keeps the arg-max (and at most the top bin's few tokens)
+    huge = top_p_mask_hist(logits, p, prior_lse=row_lse + 50.0)
+    assert huge[torch.arange(8), logits.argmax(-1)].all() and (huge.sum(-1) <= 16).all()
+    assert torch.equal(top_p_mask(logits, p, prior_lse=row_lse + 50.0).sum(-1), torch.ones(8, dtype=torch.long))
+
+
 def test_top_p_ties_take_lower_index():
     logits = torch.zeros(1, 10)  # uniform: need 5 tokens for p = 0.5, the first five
     assert top_p_mask(logits, 0.5)[0].tolist() == [True] * 5 + [False] * 5

@@ -5,6 +5,10 @@ A request of length ``L`` whose first ``encoded`` positions have codes is split 
 ``E = max(S', min(encoded, L - W))``: the window holds every not-yet-encoded token and at least the
 last ``W``. Sink and window are always attended; from the scored region each query head keeps its
 top-p set of estimated weights and a kv-head attends the union of its query heads' sets.
+
+``top_p_scope`` says of which mass ``p`` is taken: ``"context"`` (every token: the sink and
+window's exact logits, centred and scaled like the estimates, count towards ``p``, so a head whose
+mass sits in the sink selects little) or ``"scored"`` (the scored region's estimated mass alone).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from sglang_rabitq.reference.attention import sparse_decode_attention
 from sglang_rabitq.reference.codes import estimate_int, quantize_query
 from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE, top_p_mask, top_p_mask_hist
+
+TOP_P_SCOPES = ("context", "scored")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,15 @@ def decode_regions(length: int, encoded: int, sink: int, window: int) -> DecodeR
     sink_end = min(sink, length)
     score_end = max(sink_end, min(encoded, length - window))
     return DecodeRegions(sink_end, score_end, length)
+
+
+def dense_region_lse(
+    q: torch.Tensor, keys: torch.Tensor, center: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``log sum exp(scale * <q, k - c>)`` over ``keys [N, D]`` for each query head of ``q [G, D]``:
+    the always-attended tokens' mass, on the estimates' scale (they estimate ``<q, k - c>``)."""
+    kc = keys.to(torch.float64) - (0.0 if center is None else center.to(torch.float64))
+    return torch.logsumexp(q.to(torch.float64) @ kc.T * scale, dim=-1)
 
 
 def rabitq_decode(
@@ -51,6 +66,8 @@ def rabitq_decode(
     selector: str = "hist",
     score_temperature: float = 1.0,
     query: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    top_p_scope: str = "context",
+    center: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
 
@@ -60,7 +77,10 @@ def rabitq_decode(
     times ``score_temperature``; attention uses ``sm_scale``. ``query``: a given ``(q_u, delta, qmin)``
     in place of ``quantize_query(q, rot)`` (a kernel's rotation sums in another order, so a value on a
     rounding edge can take the other INT4 level, which moves every estimate a little).
+    ``center [Hkv, D]``: the keys' centre the codes were encoded with (None: zero).
     """
+    if top_p_scope not in TOP_P_SCOPES:
+        raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {top_p_scope!r}")
     select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
@@ -79,6 +99,12 @@ def rabitq_decode(
             if dense or scored.numel() == 0:
                 chosen = scored
             else:
+                heads = slice(h * group, (h + 1) * group)
+                prior = None
+                if top_p_scope == "context":
+                    c = None if center is None else center[h]
+                    prior = dense_region_lse(q[b, heads], k_buf[always, h], c,
+                                             sm_scale * score_temperature)
                 logits = torch.stack(
                     [
                         estimate_int(codes[scored, h], factor[scored, h], q_u[b, qh], delta[b, qh], qmin[b, qh])
@@ -91,7 +117,7 @@ def rabitq_decode(
                     # the histogram's bins, and so the set, move when a logit crosses a bin edge:
                     # select from the values the kernels select from
                     logits = logits.to(LOGIT_STORAGE_DTYPE)
-                chosen = scored[select(logits, top_p).any(0)]
+                chosen = scored[select(logits, top_p, prior_lse=prior).any(0)]
             per_head.append(torch.sort(torch.cat([always, chosen])).values)
         out[b] = sparse_decode_attention(q[b], k_buf, v_buf, per_head, sm_scale)
         attended.append(per_head)

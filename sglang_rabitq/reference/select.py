@@ -2,6 +2,9 @@
 
 ``top_p_mask`` states the semantics: the smallest set of tokens whose softmax mass reaches ``p``
 (ties broken towards the lower index; the arg-max is always kept; ``p = 1`` keeps every token).
+``prior_lse`` (per row, optional) is the log-mass of tokens kept anyway and not in the row (the
+sink and window, attended exactly): the kept set then only has to bring the kept mass, prior
+included, to ``p`` of the total, prior included.
 
 ``hist_threshold`` / ``top_p_mask_hist`` are what the kernels compute without a sort. Logits fall
 into ``HIST_BINS`` bins of width ``BIN_WIDTH`` on an absolute grid, counted down from the maximum's
@@ -35,7 +38,18 @@ def _masked_logits(logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
     return x
 
 
-def top_p_mask(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def _prior_mass(x: torch.Tensor, prior_lse: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the prior's mass relative to the row's own (finite) mass: ``[R, 1]`` float64."""
+    if prior_lse is None:
+        return torch.zeros(x.shape[0], 1, dtype=torch.float64, device=x.device)
+    lse = torch.logsumexp(x, -1)
+    rel = torch.exp(prior_lse.to(device=x.device, dtype=torch.float64) - lse)
+    return torch.where(torch.isfinite(lse), rel, 0.0)[:, None]
+
+
+def top_p_mask(
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum)."""
     check_top_p(p)
     x = _masked_logits(logits, valid)
@@ -46,7 +60,10 @@ def top_p_mask(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
     probs = torch.softmax(torch.gather(x, -1, order), dim=-1)
     before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
-    keep_sorted = (before < p) & torch.isfinite(torch.gather(x, -1, order))
+    prior = _prior_mass(x, prior_lse)
+    # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
+    keep_sorted = (p - before > (1.0 - p) * prior) & torch.isfinite(torch.gather(x, -1, order))
+    keep_sorted[:, 0] |= has_any[:, 0]  # the arg-max
     mask = torch.zeros_like(keep_sorted)
     mask.scatter_(-1, order, keep_sorted)
     return mask & has_any
@@ -68,10 +85,13 @@ def crossing_threshold(
     return min(m + math.log(e_hi - frac * (e_hi - e_lo)), m)
 
 
-def hist_threshold(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def hist_threshold(
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row of ``logits [R, N]``, the logit threshold kept (``-inf`` keeps every token)."""
     check_top_p(p)
     x = _masked_logits(logits, valid)
+    prior = None if prior_lse is None else prior_lse.to(torch.float64).cpu()
     out = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
     if p >= 1.0:
         return out
@@ -86,19 +106,23 @@ def hist_threshold(logits: torch.Tensor, p: float, valid: torch.Tensor | None = 
         # a bin's mass: its count at the bin's middle logit (the kernels histogram counts only)
         mids = (top - torch.arange(HIST_BINS, dtype=torch.float64) + 0.5) * BIN_WIDTH
         mass = count.double() * torch.exp(mids - m)
-        z = float(mass.sum())
         cum = torch.cumsum(mass, 0)
-        hit = torch.nonzero(cum >= p * z)
+        # what the bins must bring: p of (binned + prior) minus the prior (<= 0: the top bin's rule)
+        pm = 0.0 if prior is None else math.exp(min(float(prior[r]) - m, 700.0))
+        target = p * float(mass.sum()) - (1.0 - p) * pm
+        hit = torch.nonzero(cum >= target)
         if hit.numel():
             kk = int(hit[0])
             out[r] = crossing_threshold(
-                top, kk, float(cum[kk] - mass[kk]), float(mass[kk]), int(count[kk]), p * z, m
+                top, kk, float(cum[kk] - mass[kk]), float(mass[kk]), int(count[kk]), target, m
             )
     return out
 
 
-def top_p_mask_hist(logits: torch.Tensor, p: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def top_p_mask_hist(
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+) -> torch.Tensor:
     """The kernels' histogram top-p selection, per row of ``logits [R, N]``."""
-    thr = hist_threshold(logits, p, valid).to(logits.device)
+    thr = hist_threshold(logits, p, valid, prior_lse).to(logits.device)
     x = _masked_logits(logits, valid)
     return (x >= thr[:, None]) & torch.isfinite(x)
