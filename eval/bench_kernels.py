@@ -88,18 +88,20 @@ class Setup:
 
     def ours(self, top_p):
         return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
-                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p)
+                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p, center=self.center)
 
     def stages(self, top_p, warps=(2, 4, 8)):
         """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
         ws, bs, sm = self.ws, self.bs, self.d**-0.5
         nc = ws.num_chunks(bs)
         qscal, qbits, thr, plan = ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
-        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qscal, qbits)}
+        # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
+        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qscal, qbits, prior_lse=ws.prior[:bs], k_buf=self.k,
+                                                      req_to_token=self.r2t, plan=plan, center=self.center, prior_scale=sm)}
         for w in warps:
             out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, self.codes, self.factor, self.r2t, plan, ws.logits,
                                                           ws.stats, sm, self.hkv, nc, num_warps=w)
-        out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc)
+        out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
         for w in warps:
             out[f"attention_w{w}"] = lambda w=w: sparse_attention(
                 self.q, self.k, self.v, ws.logits, ws.index, self.r2t, plan, thr, ws.partial_out,

@@ -60,6 +60,7 @@ class StudyConfig:
     temperatures: tuple = (1.0, 0.85, 0.7, 0.6, 0.5)
     max_out_err_p95: float = 0.10  # the default p keeps the attention output this close to dense (95th pct)
     top_p_scope: str = "scored"  # as --rabitq-top-p-scope (context: the sink and window's mass counts towards p)
+    prior_tempered: bool = True  # context scope: the sink/window logits get the score temperature too (as served)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,11 +343,13 @@ def eval_layer(
     gen: torch.Generator,
     selector: Selector | None = None,
     scope: str = "scored",
+    prior_tempered: bool = True,
 ) -> LayerSamples:
     """``q [T, Hq, D]``, ``k, v [T, Hkv, D]``; decode at each ``t`` in ``positions`` over keys ``0..t``.
 
     ``scope`` as the backend's ``--rabitq-top-p-scope``: ``context`` counts the always-attended tokens'
-    exact mass (logits of ``<q, k - c>`` at the same scale and temperature as the estimates) towards p.
+    exact mass (logits of ``<q, k - c>`` at the same scale and temperature as the estimates, or at the
+    plain scale with ``prior_tempered=False``) towards p.
 
     ``grid`` holds the tuples to sweep: centring, rounding, selection, top_p, sink_window, temperature (the
     estimated logits are multiplied by it before selection: < 1 widens the set against estimator noise).
@@ -435,7 +438,8 @@ def eval_layer(
                 prep = selector.prepare(x)
                 prior = None
                 if scope == "context":  # the sink and window's exact mass on the estimates' scale
-                    prior = torch.logsumexp((ip_true * (scale * tau)).masked_fill(~r["always"][:, None, :], float("-inf")), -1)
+                    prior_scale = scale * tau if prior_tempered else scale
+                    prior = torch.logsumexp((ip_true * prior_scale).masked_fill(~r["always"][:, None, :], float("-inf")), -1)
                     prior = prior.reshape(-1)
                 for p in grid["top_p"]:
                     sel_head = selector.keep(x, prep, p, prior).view(-1, hq, n)  # inside the scored region
@@ -530,7 +534,7 @@ def run_grid(qkv: dict, positions: list[int], cfg: StudyConfig, grid: dict, sele
         rot = random_rotation(d, seed=cfg.seed * 1000 + layer, num_heads=hkv)  # one per (layer, kv-head)
         center = qkv["k"][layer, : cfg.calib].mean(0)  # [Hkv, D], fixed for the server's lifetime
         res = eval_layer(qkv["q"][layer], qkv["k"][layer], qkv["v"][layer], positions, rot, center, grid, gen, selector,
-                         cfg.top_p_scope)
+                         cfg.top_p_scope, cfg.prior_tempered)
         for key, smp in res.metrics.items():
             variants.setdefault(key, []).append(smp)
         for key, st in res.estimator.items():
@@ -844,7 +848,7 @@ def render_markdown(res: dict) -> str:
         f"code, tables, dialogue, facts restated later). Main grid: {len(cfg['main_positions'])} decode positions in the "
         f"last half; at position t the cache is keys 0..t. Overall numbers pool layers >= {cfg['dense_layers']} (the "
         f"first {cfg['dense_layers']} stay dense in the backend). Centre = mean key of the first {cfg['calib']} tokens per "
-        f"(layer, kv-head). Selector: {cfg['selector']}; top-p scope: {cfg.get('top_p_scope', 'scored')}. Date {res['date']}, wall {res['wall_s']} s, {res['versions']}.",
+        f"(layer, kv-head). Selector: {cfg['selector']}; top-p scope: {cfg.get('top_p_scope', 'scored')}{'' if cfg.get('prior_tempered', True) else ' (sink/window mass untempered)'}. Date {res['date']}, wall {res['wall_s']} s, {res['versions']}.",
         "",
         "Metrics per (decode position, query head): *retained* = true attention mass (exact softmax over all keys) on "
         "the attended set (sink + window + selected); *scored* = the share of the scored region's true mass that was "
@@ -1098,6 +1102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--top-p-scope", choices=("scored", "context"), default=StudyConfig.top_p_scope,
                     help="as --rabitq-top-p-scope: context counts the sink and window's mass towards p")
+    ap.add_argument("--untempered-prior", action="store_true",
+                    help="with --top-p-scope context: the sink/window logits without the score temperature")
     ap.add_argument("--combination", metavar="CENTRING,ROUNDING,SELECTION,SINK_WINDOW",
                     help="study this one combination only (e.g. none,nearest,union,64): skips the grid search")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md and plots from an existing fidelity.json")
@@ -1116,6 +1122,7 @@ def main(argv=None) -> None:
         contexts=tuple(int(c) for c in args.contexts.split(",") if c),
         seed=args.seed,
         top_p_scope=args.top_p_scope,
+        prior_tempered=not args.untempered_prior,
     )
     if args.combination:
         centring, rounding, selection, sw = args.combination.split(",")

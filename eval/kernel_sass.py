@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
 from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
-from sglang_rabitq.kernels.query import _prepare_query_kernel
+from sglang_rabitq.kernels.query import PRIOR_BLOCK, _prepare_query_kernel
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
@@ -43,7 +43,7 @@ POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_pt
                  "rot_ptr": "*fp32", "center_ptr": "*fp32", "out_ptr": "*bf16", "slot_ptr": "*i64",
                  # the planner's: SGLang's req_pool_indices and seq_lens are int64, the pool flags bool (as int8)
                  "rpi_ptr": "*i64", "seq_ptr": "*i64", "valid_ptr": "*i8", "slots_ptr": "*i64", "totals_ptr": "*i64",
-                 "seed_ptr": "*i64"}
+                 "seed_ptr": "*i64", "prior_ptr": "*fp32"}
 
 
 def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
@@ -60,9 +60,11 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     if name == "encode":
         return _encode_kernel, dict(D=head_dim, WORDS=head_dim // 32, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
     if name == "query":
-        return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False)
+        # as served: with the sink/window mass of top-p over the context
+        return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
+                                           BLOCK_K=PRIOR_BLOCK)
     if name == "threshold":
-        return _threshold_kernel, threshold_constexprs(num_chunks)
+        return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}
     if name == "merge":  # the chunks' partials and the sink/window program's
         return _merge_kernel, merge_constexprs(num_chunks + 1, head_dim)
     if name == "plan":  # at the default --rabitq-encode-chunk
@@ -78,7 +80,7 @@ def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = POINTER_TYPES.get(n, "*i32")
-        elif n in ("sm_scale", "score_scale"):
+        elif n in ("sm_scale", "score_scale", "prior_scale", "top_p"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"

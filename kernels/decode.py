@@ -128,7 +128,7 @@ def rabitq_decode_layer(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
     *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest", score_temperature: float = 1.0,
-    top_p_scope: str = "context", center: torch.Tensor | None = None,
+    top_p_scope: str = "scored", center: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``.
 

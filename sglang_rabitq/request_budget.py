@@ -83,14 +83,22 @@ class RequestBudgets:
         when it logs)."""
         written = int(self.ring_written)
         first = max(self._ring_read, written - RING_SIZE)
-        self.lost += first - self._ring_read
+        lost = first - self._ring_read
+        self.lost += lost
         if written > first:
             at = torch.arange(first, written, device=self.ring.device) % RING_SIZE
             for key, attended, context, steps in self.ring[at].tolist():
-                rid = self._rids.pop(key, None)
-                self._keys.pop(rid, None)
-                self._report(rid, attended, context, steps)
+                self._report(self._forget(key), attended, context, steps)
+        if lost:  # the lost requests' keys: every key no row serves any more
+            serving = set(self.row_key.tolist())
+            for key in [k for k in self._rids if k not in serving]:
+                self._forget(key)
         self._ring_read = written
+
+    def _forget(self, key: int):
+        rid = self._rids.pop(key, None)
+        self._keys.pop(rid, None)
+        return rid
 
     def _report(self, rid, attended: int, context: int, steps: int) -> None:
         if steps == 0:

@@ -1,6 +1,8 @@
 """The backend inside a small serving loop of SGLang's real pools, radix cache and ForwardBatch
 (dense prefill through SGLang's torch-native backend; our kernels under the Triton interpreter)."""
 
+import dataclasses
+
 import pytest
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -54,9 +56,11 @@ def test_prefill_encodes_every_new_key_and_dense_layers_keep_no_codes():
     assert snap["codes_encoded"] == 200 and snap["codes_reused"] == 0
 
 
-def test_decode_matches_reference_and_encodes_lazily_in_chunks():
+@pytest.mark.parametrize("scope", ["scored", "context"])
+def test_decode_matches_reference_and_encodes_lazily_in_chunks(scope):
     h = Harness()
-    b = make(h)
+    cfg = dataclasses.replace(CFG, top_p_scope=scope)
+    b = make(h, cfg)
     row, _ = prefill(h, b, list(range(300)))
     length = 300
     for step in range(40):
@@ -75,7 +79,7 @@ def test_decode_matches_reference_and_encodes_lazily_in_chunks():
                 b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
                 torch.tensor([row]), torch.tensor([length]), torch.tensor([enc_before]),
                 top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
-                score_temperature=CFG.score_temperature,
+                score_temperature=CFG.score_temperature, top_p_scope=scope, center=b.pool.center[lid],
             )
             assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
             assert max(len(a) for a in attended[0]) < length  # sparse

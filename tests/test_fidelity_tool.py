@@ -80,11 +80,11 @@ def _grid(**over):
     return g | over
 
 
-def _eval(qkv, layer, grid, positions=range(150, 300, 10)):
+def _eval(qkv, layer, grid, positions=range(150, 300, 10), scope="scored"):
     rot = random_rotation(D, seed=layer, num_heads=HKV)
     center = qkv["k"][layer, :64].mean(0)
     return fd.eval_layer(qkv["q"][layer], qkv["k"][layer], qkv["v"][layer], list(positions), rot, center, grid,
-                         torch.Generator().manual_seed(0))
+                         torch.Generator().manual_seed(0), scope=scope)
 
 
 def test_p1_keeps_everything(qkv):
@@ -158,7 +158,19 @@ def test_batched_selectors_match_reference():
     for p in (0.3, 0.8, 0.95, 1.0):
         assert torch.equal(fd.hist_keep(x, p), top_p_mask_hist(torch.where(finite, x, 0.0), p, finite)), p
         assert torch.equal(oracle[p], top_p_mask(x, p)), p
+        prior = torch.logsumexp(x, -1) + torch.linspace(-4, 2, 40, dtype=torch.float64)  # a sink/window mass
+        assert torch.equal(fd.hist_keep(x, p, prior), top_p_mask_hist(torch.where(finite, x, 0.0), p, finite, prior)), p
     assert fd.pick_selector().batched
+
+
+def test_context_scope_keeps_a_subset_of_the_scored_scope(qkv):
+    # the sink and window's mass counts towards p: a head's set can only shrink, and for some it does
+    grid = _grid(selection=("head",), centring=("none",), rounding=("nearest",))
+    runs = {scope: _eval(qkv, 1, grid, scope=scope) for scope in ("scored", "context")}
+    for p in (0.5, 0.8, 0.95):
+        key = ("none", "nearest", "head", p, 16, 1.0)
+        context, scored = runs["context"].metrics[key]["budget"], runs["scored"].metrics[key]["budget"]
+        assert (context <= scored + 1e-9).all() and (context < scored).any(), p
 
 
 def test_text_is_deterministic_and_long():

@@ -42,3 +42,5 @@ def test_more_ended_requests_than_the_ring_holds_are_counted_lost(monkeypatch):
     rb.collect()
     assert rb.lost == 3 and [r["rid"] for r in rb.finished] == ["r3", "r4", "r5", "r6"]
     assert [r["budget"] for r in rb.finished] == [0.4, 0.5, 0.6, 0.7]
+    # the lost requests leave no host state behind; the request still serving keeps its key
+    assert list(rb._rids.values()) == ["last"] and list(rb._keys) == ["last"]

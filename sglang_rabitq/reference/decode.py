@@ -66,7 +66,7 @@ def rabitq_decode(
     selector: str = "hist",
     score_temperature: float = 1.0,
     query: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    top_p_scope: str = "context",
+    top_p_scope: str = "scored",
     center: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
