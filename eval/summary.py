@@ -35,6 +35,11 @@ def _joined(sources: list[dict], key: str) -> str:
     return ", ".join(seen) or "unknown"
 
 
+def speed_model(result: dict, row: dict) -> str:
+    """A speed row's model, naming its prompts where the run recorded them (they set the budget)."""
+    return f"{row['model']} ({result['prompts']} prompts)" if result.get("prompts") else str(row["model"])
+
+
 def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) -> dict:
     """The summary schema from loaded result files (each a dict as written by the drivers)."""
     sources = [d for d in [*accuracy, prefix or {}, *speed] if d]
@@ -42,7 +47,7 @@ def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) 
             "top_p": _f(r.get("top_p")) if r["backend"] == "rabitq" else None,
             "score": float(r["score"]), "budget": _f(r.get("budget"))}
            for d in accuracy for r in d.get("rows", [])]
-    spd = [{"model": str(r["model"]), "context": int(r["context"]), "batch": int(r["batch"]),
+    spd = [{"model": speed_model(d, r), "context": int(r["context"]), "batch": int(r["batch"]),
             "dense_tok_s": float(r["dense_tok_s"]), "rabitq_tok_s": float(r["rabitq_tok_s"]),
             "speedup": float(r["speedup"]), "budget": _f(r.get("budget"))}
            for d in speed for r in d.get("rows", [])]
@@ -206,7 +211,8 @@ def main(argv=None):
     speed = [d for d in map(_load, args.speed) if d]
     prefix = _load(args.prefix)
     summary = build_summary(accuracy, speed, prefix)
-    raw_speed = {(r["model"], r["context"], r["batch"]): {**r, "gpu": d.get("gpu")} for d in speed for r in d.get("rows", [])}
+    raw_speed = {(speed_model(d, r), r["context"], r["batch"]): {**r, "gpu": d.get("gpu")}
+                 for d in speed for r in d.get("rows", [])}
     out = Path(args.out_dir)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or []))
