@@ -124,9 +124,14 @@ def main(argv=None):
                 errors[name] = repr(e)[-3000:]
     checks = []
 
+    def result(complete: bool) -> dict:
+        return {**env_info(args.model), "checks": checks, "passed": sum(c["passed"] for c in checks),
+                "total": len(checks), "complete": complete}
+
     def check(name, passed, **detail):
         checks.append({"check": name, "passed": bool(passed), **detail})
         print(("PASS " if passed else "FAIL ") + name, detail if not passed else "", flush=True)
+        write_json(args.out, result(complete=False))  # what ran so far survives an interrupted run
 
     try:
         for name, err in errors.items():
@@ -188,9 +193,9 @@ def main(argv=None):
     finally:
         for srv in servers.values():
             srv.stop()
-    result = {**env_info(args.model), "checks": checks, "passed": sum(c["passed"] for c in checks), "total": len(checks)}
-    write_json(args.out, result)
-    return result
+    final = result(complete=True)
+    write_json(args.out, final)
+    return final
 
 
 if __name__ == "__main__":
