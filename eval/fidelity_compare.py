@@ -23,9 +23,11 @@ def load(run: Path) -> dict:
 
 
 def label(res: dict) -> str:
+    """Centring and top-p scope of a run (the rest of its combination is in the header)."""
     cfg = res["config"]
     scope = cfg.get("top_p_scope", "scored")
-    return scope + ("" if cfg.get("prior_tempered", True) or scope == "scored" else " (untempered sink/window)")
+    untempered = scope == "context" and not cfg.get("prior_tempered", True)
+    return f"centring {res['recommended']['centring']}, {scope}" + (" (untempered sink/window)" if untempered else "")
 
 
 def frontier_budget(points: list[dict], mass: float) -> float | None:
@@ -48,8 +50,8 @@ def render(runs: list[Path]) -> str:
         "# Top-p variants on real attention, side by side",
         "",
         f"Command: `python eval/fidelity_compare.py {' '.join(str(r) for r in runs)}`. Model {first['model']['name']}, "
-        f"{first['config']['tokens_used']} tokens, combination {first['recommended']['centring']}/"
-        f"{first['recommended']['rounding']}/{first['recommended']['selection']}/{first['recommended']['sink_window']}; "
+        f"{first['config']['tokens_used']} tokens, rounding/selection/sink-window {first['recommended']['rounding']}/"
+        f"{first['recommended']['selection']}/{first['recommended']['sink_window']}; "
         "each run's own command and date are in its fidelity.md. Layers >= 2, ~6K tokens of context.",
         "",
         "## K/V budget needed for a mean retained true mass (on each run's frontier)",
