@@ -18,6 +18,7 @@ from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attent
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.reference.plan import plan_rows
 from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE
+from sglang_rabitq.validation import check_choice
 
 BLOCK_N = 64  # tokens per inner block of the attention kernel
 CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
@@ -137,8 +138,7 @@ def rabitq_decode_layer(
     attention itself uses ``sm_scale``. ``top_p_scope`` and ``center`` (the codes' key centre,
     ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``.
     """
-    if top_p_scope not in TOP_P_SCOPES:
-        raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {top_p_scope!r}")
+    check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]

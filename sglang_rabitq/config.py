@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
-from sglang_rabitq.validation import check_non_negative, check_top_p
+from sglang_rabitq.validation import check_choice, check_non_negative, check_top_p
 
 CENTER_MODES = ("none", "calibrate")
 ROUNDING_MODES = ("nearest", "random")
@@ -40,12 +40,9 @@ class RaBitQConfig:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
-        if self.center not in CENTER_MODES:
-            raise ValueError(f"center must be one of {CENTER_MODES}, got {self.center!r}")
-        if self.top_p_scope not in TOP_P_SCOPES:
-            raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {self.top_p_scope!r}")
-        if self.rounding not in ROUNDING_MODES:
-            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+        check_choice("center", self.center, CENTER_MODES)
+        check_choice("top_p_scope", self.top_p_scope, TOP_P_SCOPES)
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
 
     @classmethod
     def from_server_args(cls, server_args) -> "RaBitQConfig":

@@ -17,6 +17,11 @@ def check_top_p(p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
 
 
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def check_non_negative(**values: int) -> None:
     for name, v in values.items():
         if int(v) != v or v < 0:

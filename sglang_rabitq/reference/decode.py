@@ -20,6 +20,7 @@ import torch
 from sglang_rabitq.reference.attention import sparse_decode_attention
 from sglang_rabitq.reference.codes import estimate_int, quantize_query
 from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE, top_p_mask, top_p_mask_hist
+from sglang_rabitq.validation import check_choice
 
 TOP_P_SCOPES = ("context", "scored")
 
@@ -79,8 +80,7 @@ def rabitq_decode(
     rounding edge can take the other INT4 level, which moves every estimate a little).
     ``center [Hkv, D]``: the keys' centre the codes were encoded with (None: zero).
     """
-    if top_p_scope not in TOP_P_SCOPES:
-        raise ValueError(f"top_p_scope must be one of {TOP_P_SCOPES}, got {top_p_scope!r}")
+    check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
