@@ -11,6 +11,9 @@
 #   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
 #   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
 #   summary   eval/summary.py over what the steps above wrote
+# Steps joined by a comma (e2e,accuracy) run at the same time: for steps that time nothing. Each one
+# starts once every server already started has sized its KV pool (SGLang sizes it from the free
+# memory it sees), so give them memory fractions that fit together (MEM_FRACTION).
 # RABITQ_ARGS (environment): extra flags for every rabitq server of every step.
 # Each step writes OUT_DIR/<step>.log and its results under OUT_DIR; OUT_DIR/progress records every
 # step's start, end and exit status. A failing step does not stop the next one.
@@ -25,7 +28,8 @@ ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
 ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
 ACC_SAMPLES=${ACC_SAMPLES:-5}
 PREFIX_ARGS=${PREFIX_ARGS:---docs 2 --doc-tokens 16000 --users 16 --concurrency 4,16 --chats 4 --turns 3}
-RABITQ_ARGS=${RABITQ_ARGS:-}  # extra flags for every rabitq server, e.g. "--rabitq-center calibrate"
+MEM_FRACTION=${MEM_FRACTION:-0.8}  # --mem-fraction-static of the speed, accuracy and prefix servers
+RABITQ_ARGS=${RABITQ_ARGS:-}  # extra flags for every rabitq server, e.g. "--rabitq-center none"
 FAILING_SEED=773259024  # gpu_kernel_tests.md: failed on the GPU only (its inputs changed since; still replayed)
 
 cd "$(dirname "$0")/.."
@@ -41,12 +45,13 @@ run_step() {
         return $rc ;;
     e2e) python3 eval/e2e_smoke.py --model "$MODEL" --out "$OUT/e2e_smoke.json" --rabitq-args="$RABITQ_ARGS" ;;
     speed) python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
-        --out "$OUT/speed.json" --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
+        --out "$OUT/speed.json" --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
-        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
+        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
+        --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
     prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \
-        --log-dir "$OUT/logs" --rabitq-args="$RABITQ_ARGS" ;;
+        --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     profile) python3 eval/profile_decode.py --dummy llama8b --context 8192 --batch 1 --out "$OUT/profile.json" \
         --log-dir "$OUT/logs" ;;
     summary) python3 eval/summary.py --accuracy "$OUT/accuracy.json" --speed "$OUT/speed.json" \
@@ -55,10 +60,34 @@ run_step() {
     esac
 }
 
-for step in $STEPS; do
-    echo "$(date -u +%FT%TZ) start $step" >> "$OUT/progress"
-    run_step "$step" > "$OUT/$step.log" 2>&1
-    rc=$?
-    echo "$(date -u +%FT%TZ) end $step rc=$rc" >> "$OUT/progress"
+# every server log under OUT/logs has its KV pool sized, twice in a row POLL_S apart (90 polls at most)
+wait_servers_sized() {
+    local settled=0
+    for _ in $(seq 90); do
+        sleep "${POLL_S:-10}"
+        local started sized
+        started=$(find "$OUT/logs" -name '*.log' 2>/dev/null | wc -l)
+        sized=$(grep -l "max_total_num_tokens=" "$OUT"/logs/*.log 2>/dev/null | wc -l)
+        if [ "$started" -eq "$sized" ]; then settled=$((settled + 1)); else settled=0; fi
+        [ "$settled" -ge 2 ] && return 0
+    done
+}
+
+run_logged() {
+    echo "$(date -u +%FT%TZ) start $1" >> "$OUT/progress"
+    run_step "$1" > "$OUT/$1.log" 2>&1
+    local rc=$?
+    echo "$(date -u +%FT%TZ) end $1 rc=$rc" >> "$OUT/progress"
+}
+
+for group in $STEPS; do
+    IFS=, read -ra members <<< "$group"
+    pids=()
+    for i in "${!members[@]}"; do
+        [ "$i" -gt 0 ] && wait_servers_sized
+        run_logged "${members[$i]}" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
 done
 cat "$OUT/progress"
