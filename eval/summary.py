@@ -120,10 +120,11 @@ def prefix_table(ps: dict, table: list) -> list[str]:
     return lines
 
 
-def to_markdown(summary: dict, raw_speed: dict, prefix_rows: list) -> str:
+def to_markdown(summary: dict, raw_speed: dict, prefix_rows: list, accuracy_model: str = "") -> str:
     head = ["# RaBitQCache end-to-end results", "",
             f"GPU: {summary['gpu']} · SGLang {summary['sglang']} · model {summary['model']} · {summary['date']}", ""]
-    return "\n".join(head + ["## Accuracy (RULER-style tasks)", ""] + accuracy_table(summary["accuracy"])
+    acc_head = "## Accuracy (RULER-style tasks" + (f"; {accuracy_model})" if accuracy_model else ")")
+    return "\n".join(head + [acc_head, ""] + accuracy_table(summary["accuracy"])
                      + ["", "![accuracy vs budget](accuracy_vs_budget.png)", "", "## Decode speed", ""]
                      + speed_table(summary["speed"], raw_speed)
                      + ["", "![speedup vs context](speedup_vs_context.png)", "", "## Prefix sharing", ""]
@@ -208,6 +209,9 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     accuracy = [d for d in map(_load, args.accuracy) if d]
+    accuracy_model = _joined(accuracy, "model") if accuracy else ""
+    if "," in accuracy_model:  # its rows carry no model: two models' scores would be averaged together
+        ap.error(f"--accuracy files of one model only, got {accuracy_model}")
     speed = [d for d in map(_load, args.speed) if d]
     prefix = _load(args.prefix)
     summary = build_summary(accuracy, speed, prefix)
@@ -215,7 +219,7 @@ def main(argv=None):
                  for d in speed for r in d.get("rows", [])}
     out = Path(args.out_dir)
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or []))
+    (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or [], accuracy_model))
     print(f"[eval] wrote {out / 'summary.md'}")
     for p in plot(summary, raw_speed, out):
         print(f"[eval] wrote {p}")

@@ -1,6 +1,7 @@
 """eval/summary.py builds exactly the summary schema from small fake result files."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,3 +107,25 @@ def test_gpu_suite_records_every_step_and_goes_on_after_a_failure(tmp_path):
     assert [line.split(" ", 1)[1] for line in progress] == ["start nosuchstep", "end nosuchstep rc=2",
                                                             "start summary", "end summary rc=0"]
     assert json.loads((out / "summary.json").read_text())["speed"] == []  # no inputs: empty sections
+
+
+def test_gpu_suite_runs_comma_joined_steps_together_and_records_both(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suite"
+    subprocess.run(["bash", str(root / "eval" / "gpu_suite.sh"), "unused-model", str(out), "nosuchstep,summary", "other"],
+                   check=True, capture_output=True, timeout=120, env={**os.environ, "POLL_S": "0.1"})
+    events = [line.split(" ", 1)[1] for line in (out / "progress").read_text().splitlines()]
+    assert sorted(events[:4]) == sorted(["start nosuchstep", "end nosuchstep rc=2", "start summary", "end summary rc=0"])
+    assert events[4:] == ["start other", "end other rc=2"]  # the next group waits for the whole first one
+
+
+def test_accuracy_of_two_models_is_refused(tmp_path):
+    other = {**ACC, "model": "/tmp/models/smollm2"}
+    for name, d in (("a.json", ACC), ("b.json", other)):
+        (tmp_path / name).write_text(json.dumps(d))
+    with pytest.raises(SystemExit):
+        SM.main(["--accuracy", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])
+    SM.main(["--accuracy", str(tmp_path / "a.json"), "--out-dir", str(tmp_path)])
+    assert "## Accuracy (RULER-style tasks; /tmp/models/qwen05)" in (tmp_path / "summary.md").read_text()
