@@ -136,14 +136,19 @@ def main(argv=None):
     try:
         for name, err in errors.items():
             check(f"server {name} starts", False, error=err)
-        if "sparse" not in errors:
-            client = servers["sparse"].openai()
+        # the CUDA-graph-off server gets the same first requests: with --rabitq-center calibrate the
+        # centre is the mean of a server's first prefill keys, so the two must see the same ones
+        for name in ("sparse", "nograph"):
+            if name in errors:
+                continue
+            client = servers[name].openai()
+            report = check if name == "sparse" else (lambda *a, **k: None)
             r = chat_once(client, [{"role": "user", "content": "What is the capital of France?"}], 16)
-            check("openai chat", len(r["text"].strip()) > 0, text=r["text"])
+            report("openai chat", len(r["text"].strip()) > 0, text=r["text"])
             c = client.completions.create(model="default", prompt="The capital of France is", max_tokens=8, temperature=0)
-            check("openai completion", len(c.choices[0].text.strip()) > 0, text=c.choices[0].text)
+            report("openai completion", len(c.choices[0].text.strip()) > 0, text=c.choices[0].text)
             s = chat_stream(client, [{"role": "user", "content": "Count from 1 to 5."}], 24)
-            check("openai streaming", len(s["chunk_times"]) > 1 and len(s["text"]) > 0, text=s["text"])
+            report("openai streaming", len(s["chunk_times"]) > 1 and len(s["text"]) > 0, text=s["text"])
         convs = prompts(args.prompts)
         texts = {n: greedy_texts(srv, convs, args.max_tokens) for n, srv in servers.items() if n not in errors}
         if "dense" in texts and "p1" in texts:
@@ -163,7 +168,8 @@ def main(argv=None):
             if "dense" in texts and "dense-nograph" in texts:
                 dense_same = sum(a == b for a, b in zip(texts["dense"], texts["dense-nograph"]))
                 check("dense backend CUDA graph on/off (reported)", True, identical=dense_same, of=len(convs))
-            check("CUDA graph on/off identical", same == len(convs), identical=same, of=len(convs))
+            check("CUDA graph on/off identical", same == len(convs), identical=same, of=len(convs),
+                  mismatches=[(a, b) for a, b in zip(texts["sparse"], texts["nograph"]) if a != b][:3])
         if "dense" in texts and "sparse" in texts:
             same = sum(a == b for a, b in zip(texts["dense"], texts["sparse"]))
             check("default top-p greedy text vs dense (reported)", True, identical=same, of=len(convs))

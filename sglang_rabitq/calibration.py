@@ -8,10 +8,14 @@ around it, so no code of an older centre is ever scored against a query of the n
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sglang_rabitq.code_pool import CodePool
 from sglang_rabitq.kernels import encode_slots
+
+logger = logging.getLogger("sglang_rabitq")
 
 
 class CenterCalibration:
@@ -41,3 +45,6 @@ class CenterCalibration:
         if layer_id == self.pool.sparse_layers[-1]:
             self.seen = n
             self.pool.calibrated = n >= self.target
+            if self.pool.calibrated:  # once per server: what its codes (and so its outputs) depend on
+                logger.info("rabitq: key centre fixed over the first %d prefill tokens; %d codes re-encoded "
+                            "around it", n, self._valid_slots.numel())
