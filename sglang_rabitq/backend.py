@@ -101,11 +101,11 @@ class RaBitQAttnBackend(AttentionBackend):
             return
         self.dense.init_forward_metadata(forward_batch)
         rids = getattr(forward_batch, "rids", None)
-        if rids:
-            self.request_budgets.start(forward_batch.req_pool_indices, rids)
+        continuing = self.request_budgets.start(forward_batch.req_pool_indices, rids) if rids else None
         self._extend_slots, counts = plan_extend(
             self.pool, self.req_to_token, forward_batch.req_pool_indices, forward_batch.extend_prefix_lens,
             sum(forward_batch.extend_prefix_lens_cpu), forward_batch.seq_lens, forward_batch.out_cache_loc,
+            continuing,
         )
         self.stats.add_many(("codes_reused", "codes_encoded"), counts)
         self._maybe_log()

@@ -13,34 +13,44 @@ from sglang_rabitq.kernels.plan import plan_decode
 
 
 def plan_extend(pool: CodePool, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
-                total_prefix: int, seq_lens: torch.Tensor, out_cache_loc: torch.Tensor):
+                total_prefix: int, seq_lens: torch.Tensor, out_cache_loc: torch.Tensor,
+                continuing: torch.Tensor | None = None):
     """Slots an extend batch must encode: its new tokens plus any prefix slot without a valid code
     (e.g. the lazily-encoded tail of an earlier turn that the radix cache now shares).
 
     ``prefix_lens`` is the device tensor of the batch's prefix lengths and ``total_prefix`` their sum
-    (known on the host). Returns ``(slots, counts)``: every prefix slot and new slot in order, int64,
-    with -1 for a prefix slot whose code is valid (the encode kernel skips it), and ``counts [2]`` on
-    the device = (codes reused, codes to encode). Marks all of them valid and records that each
-    request's codes reach its full length. Device ops of host-known sizes only: no host sync, so the
-    scheduler can prepare the next batch while the GPU runs this one.
+    (known on the host). ``continuing`` (device bool per request, if known) marks later chunks of a
+    chunked prefill: the codes a request encoded in its own earlier chunks are not counted as reused.
+    Returns ``(slots, counts)``: every prefix slot and new slot in order, int64, with -1 for a prefix
+    slot whose code is valid (the encode kernel skips it), and ``counts [2]`` on the device = (codes
+    reused, codes to encode). Marks all of them valid and records that each request's codes reach its
+    full length. Device ops of host-known sizes only: no host sync, so the scheduler can prepare the
+    next batch while the GPU runs this one.
     """
     device = req_to_token.device
     new = out_cache_loc.to(torch.int64)
+    rows_of_batch = req_pool_indices.to(torch.int64)
     if total_prefix:
         lens = prefix_lens.to(device=device, dtype=torch.int64)
-        rows = torch.repeat_interleave(req_pool_indices.to(torch.int64), lens, output_size=total_prefix)
+        rows = torch.repeat_interleave(rows_of_batch, lens, output_size=total_prefix)
         starts = torch.cumsum(lens, 0) - lens
         cols = torch.arange(total_prefix, device=device) - torch.repeat_interleave(starts, lens, output_size=total_prefix)
         prefix = req_to_token[rows, cols].to(torch.int64)
         valid = pool.valid[prefix]
         slots = torch.cat([torch.where(valid, -1, prefix), new])
+        encoded = slots.numel() - valid.sum()
+        if continuing is not None:  # a request's own earlier chunks: encoded (and counted) then
+            own = torch.repeat_interleave(continuing, lens, output_size=total_prefix) & (cols < pool.encoded_len[rows])
+            valid = valid & ~own
         reused = valid.sum()
         pool.valid.index_fill_(0, prefix, True)  # a scalar fill: no copy from host memory
     else:
-        slots, reused = new, torch.zeros((), dtype=torch.int64, device=device)
+        slots = new
+        reused = torch.zeros((), dtype=torch.int64, device=device)
+        encoded = reused + slots.numel()
     pool.valid.index_fill_(0, new, True)
-    pool.encoded_len[req_pool_indices.to(torch.int64)] = seq_lens.to(torch.int32)
-    return slots, torch.stack([reused, slots.numel() - reused])
+    pool.encoded_len[rows_of_batch] = seq_lens.to(torch.int32)
+    return slots, torch.stack([reused, encoded])
 
 
 class DecodePlanner:

@@ -61,9 +61,10 @@ class RequestBudgets:
             self._next_key += 1
         return key
 
-    def start(self, rows: torch.Tensor, rids: list) -> None:
+    def start(self, rows: torch.Tensor, rids: list) -> torch.Tensor:
         """An extend batch's rows (device) and request ids: rows that changed request hand their counts
-        to the ring and restart (device ops; the keys travel through pinned memory, without a sync)."""
+        to the ring and restart (device ops; the keys travel through pinned memory, without a sync).
+        Returns, per row, whether it goes on with the request it served before (a later prefill chunk)."""
         keys = torch.tensor([self._key(rid) for rid in rids], dtype=torch.int64)
         if rows.is_cuda:
             keys = keys.pin_memory().to(rows.device, non_blocking=True)
@@ -77,6 +78,7 @@ class RequestBudgets:
         self.ring_written += ended.sum()
         self.counts[rows] = torch.where(changed[:, None], 0, counts)
         self.row_key[rows] = keys
+        return ~changed
 
     def collect(self) -> None:
         """Report the requests that ended since the last collect (one host sync; the backend calls it

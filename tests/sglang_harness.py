@@ -80,7 +80,7 @@ class Harness:
         v = torch.randn(n, s.kv_heads, s.head_dim, generator=self.gen).to(self.dtype)
         return q, k, v
 
-    def extend_batch(self, rows, prefix_lens, seq_lens, out_cache_loc):
+    def extend_batch(self, rows, prefix_lens, seq_lens, out_cache_loc, rids=None):
         ext = [s - p for s, p in zip(seq_lens, prefix_lens)]
         fb = ForwardBatch(
             forward_mode=ForwardMode.EXTEND, batch_size=len(rows), input_ids=torch.zeros(sum(ext), dtype=torch.int64),
@@ -96,6 +96,7 @@ class Harness:
         fb.positions = torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seq_lens)])
         fb.req_to_token_pool = self.req_pool
         fb.token_to_kv_pool = self.kv_pool
+        fb.rids = rids  # as the scheduler names them (None: unnamed)
         return fb
 
     def decode_batch(self, rows, seq_lens, out_cache_loc):

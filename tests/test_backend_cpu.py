@@ -2,6 +2,7 @@
 (dense prefill through SGLang's torch-native backend; our kernels under the Triton interpreter)."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -33,9 +34,14 @@ def assert_codes_match(backend, harness, slots):
         assert torch.allclose(backend.pool.factor[lid][slots], ref_factor, rtol=1e-4)
 
 
+_REQUESTS = itertools.count()
+
+
 def prefill(h, backend, tokens):
+    """A new request's whole prompt in one extend batch (named, as the scheduler names requests)."""
     row, n_pre, new = h.new_request(tokens)
-    h.run(backend, h.extend_batch([row], [n_pre], [len(tokens)], new), len(tokens) - n_pre)
+    h.run(backend, h.extend_batch([row], [n_pre], [len(tokens)], new, rids=[f"req-{next(_REQUESTS)}"]),
+          len(tokens) - n_pre)
     return row, n_pre
 
 
@@ -121,10 +127,12 @@ def test_chunked_prefill_then_decode():
     tokens = list(range(400))
     row, n_pre, new = h.new_request(tokens)
     # two chunks, as --chunked-prefill-size would run them
-    h.run(b, h.extend_batch([row], [0], [250], new[:250]), 250)
+    h.run(b, h.extend_batch([row], [0], [250], new[:250], rids=["r"]), 250)
     assert int(b.pool.encoded_len[row]) == 250
-    h.run(b, h.extend_batch([row], [250], [400], new[250:]), 150)
-    assert int(b.pool.encoded_len[row]) == 400 and b.stats.snapshot()["codes_reused"] == 250
+    h.run(b, h.extend_batch([row], [250], [400], new[250:], rids=["r"]), 150)
+    # the second chunk's prefix is the request's own first chunk: encoded then, not reused now
+    snap = b.stats.snapshot()
+    assert int(b.pool.encoded_len[row]) == 400 and snap["codes_reused"] == 0 and snap["codes_encoded"] == 400
     assert_codes_match(b, h, h.req_pool.req_to_token[row, :400].long())
     decode(h, b, row, 400)
 
@@ -234,7 +242,8 @@ def test_head_dim_must_be_multiple_of_32():
         make(h)
 
 
-def test_calibrated_centre_is_the_mean_of_the_first_prefill_keys_and_recodes_older_codes():
+def test_calibrated_centre_is_the_mean_of_the_first_prefill_keys_and_recodes_older_codes(caplog):
+    caplog.set_level("INFO", logger="sglang_rabitq")
     h = Harness()
     cfg = RaBitQConfig(top_p=0.9, sink=8, window=16, dense_layers=1, encode_chunk=8, center="calibrate",
                        calibrate_tokens=300)
@@ -246,6 +255,7 @@ def test_calibrated_centre_is_the_mean_of_the_first_prefill_keys_and_recodes_old
     decode(h, b, row_a, 200)
     row_b, _ = prefill(h, b, list(range(5000, 5150)))  # 350 prefill keys seen: the centre is fixed
     assert b.pool.calibrated
+    assert "key centre fixed over the first 350 prefill tokens" in caplog.text  # the log says when, once
     slots_b = h.req_pool.req_to_token[row_b, :150].long()
     seen = torch.cat([slots_a, h.req_pool.req_to_token[row_a, 200:201].long(), slots_b])
     for lid in b.pool.sparse_layers:
