@@ -137,6 +137,24 @@ def test_chunked_prefill_then_decode():
     decode(h, b, row, 400)
 
 
+def test_a_chunked_prefill_counts_its_cache_hit_once():
+    h = Harness()
+    b = make(h)
+    tokens_a = list(range(300))
+    row_a, _ = prefill(h, b, tokens_a)
+    h.finish(row_a, tokens_a)
+    tokens_b = tokens_a + list(range(1000, 1300))
+    row, n_pre, new = h.new_request(tokens_b)
+    assert n_pre == 300
+    before = b.stats.snapshot()
+    h.run(b, h.extend_batch([row], [300], [400], new[:100], rids=["b"]), 100)
+    h.run(b, h.extend_batch([row], [400], [600], new[100:], rids=["b"]), 200)
+    after = b.stats.snapshot()
+    assert after["codes_reused"] - before["codes_reused"] == 300  # the radix hit, in the first chunk only
+    assert after["codes_encoded"] - before["codes_encoded"] == 300
+    assert_codes_match(b, h, h.req_pool.req_to_token[row, :600].long())
+
+
 def test_decode_after_a_prefix_hit_is_bit_identical_to_decode_from_scratch():
     """The same conversation, once on an empty cache and once after another request left part of
     its prefix (and a lazily encoded tail) in the radix tree: every decode output is identical."""
