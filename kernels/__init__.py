@@ -5,6 +5,11 @@ Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
 workspace, chunk max + histogram) -> ``top_p_threshold`` (per query head) -> ``sparse_attention``
 (select, compact, exact attention, split over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
 ``plan_decode`` plans each decode batch (once, before the layers run) in one launch.
+
+Integer arguments that change from batch to batch (batch size, chunk count, slot count) are marked
+``do_not_specialize``: Triton otherwise compiles one variant per value class (1, a multiple of 16,
+other), so the first batch of each new class waited for a compile in the middle of serving (the plan
+kernel runs outside the CUDA graphs at every decode step; ``tests/test_compile_once.py``).
 """
 
 from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer

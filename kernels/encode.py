@@ -11,7 +11,7 @@ ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
 ENCODE_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots"])  # per-batch sizes: one compile (package doc)
 def _encode_kernel(
     k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
     stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,

@@ -17,7 +17,7 @@ PLAN_BLOCK_B = 128  # requests per block of the walk
 PLAN_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bsz", "num_chunks"])  # per-batch sizes: one compile (package doc)
 def _plan_kernel(
     rpi_ptr, seq_ptr, r2t_ptr, enc_ptr, valid_ptr, rows_ptr, slots_ptr, totals_ptr, seed_ptr,
     bsz, stride_r2t, cols, capacity, num_chunks, sink, window,

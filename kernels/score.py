@@ -30,7 +30,7 @@ SCORE_BLOCK_N = 128  # tokens per inner block of the estimate
 HIST_BLOCK_N = 512  # logits per inner block of the histogram
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _score_kernel(
     qbits_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
     cmax_ptr, ctop_ptr, ccount_ptr,

@@ -12,7 +12,7 @@ from sglang_rabitq.kernels.score import NO_BIN, ChunkStats
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _threshold_kernel(
     cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, prior_ptr, top_p, HQ, NC,
     NCP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,

@@ -40,7 +40,7 @@ def _attend_block(q, k_ptr, v_ptr, slots, keep, hkv, stride_kn, stride_kh, strid
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, logit_ptr, index_ptr, r2t_ptr, plan_ptr, thr_ptr,
     po_ptr, plse_ptr, count_ptr,
@@ -115,7 +115,7 @@ def _sparse_attention_kernel(
     tl.store(count_ptr + (b * HKV + hkv) * (NC + 1) + c, n - chunk_start + hi_v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NPART"])  # per-batch sizes: one compile (package doc)
 def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
                   D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)

@@ -72,7 +72,7 @@ class RaBitQAttnBackend(AttentionBackend):
         self.last_sparse_layer = self.pool.sparse_layers[-1] if self.pool.sparse_layers else -1
         self._extend_slots = None
         self.calibration = None if self.pool.calibrated else CenterCalibration(self.pool, config.calibrate_tokens)
-        self._compile_encode()
+        self._compile_eager_kernels()
         logger.info(
             "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); decode workspace "
             "%.1f MiB; dense prefill: %s",
@@ -80,17 +80,18 @@ class RaBitQAttnBackend(AttentionBackend):
             self.pool.nbytes() // max(num_slots, 1), self.ws.nbytes() / 2**20, type(dense_backend).__name__,
         )
 
-    def _compile_encode(self) -> None:
-        """Compile the encode kernel's variants now (Triton specializes the slot count as 1, a multiple
-        of 16, or other): else the first requests pay for it, and the encode timer, whose device events
-        bracket the launch, counts the compile as encode time. Lists of -1 encode nothing."""
+    def _compile_eager_kernels(self) -> None:
+        """Compile now the kernels that run outside CUDA graphs while serving: the encode kernel (a
+        list of -1 encodes nothing) and the plan kernel's serving variant (an empty batch). Else the
+        first requests wait for the compiles, and the encode timer, whose device events bracket the
+        launch, counts one as encode time."""
+        self.planner.compile(self.req_to_token)
         if not self.pool.sparse_layers:
             return
         lid = self.pool.sparse_layers[0]
         codes, factor, rot = self.pool.buffers(lid)
-        for n in (1, 16, 17):
-            encode_slots(self.kv_pool.get_key_buffer(lid), torch.full((n,), -1, dtype=torch.int64, device=self.device),
-                         rot, self.pool.center[lid], codes, factor)
+        encode_slots(self.kv_pool.get_key_buffer(lid), torch.full((1,), -1, dtype=torch.int64, device=self.device),
+                     rot, self.pool.center[lid], codes, factor)
 
     # ---- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):

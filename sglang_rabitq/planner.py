@@ -72,7 +72,17 @@ class DecodePlanner:
         ``mutate=False`` (CUDA-graph capture, dummy batch) leaves the pool's state untouched.
         """
         bsz = req_pool_indices.shape[0]
+        self._launch(req_to_token, req_pool_indices, seq_lens, self.ws.num_chunks(bsz), mutate)
+
+    def compile(self, req_to_token: torch.Tensor) -> None:
+        """Compile the plan kernel's serving variant on an empty batch (int64 indices and lengths, as
+        SGLang passes them): it changes nothing but the rounding seed."""
+        none = torch.zeros(0, dtype=torch.int64, device=req_to_token.device)
+        self._launch(req_to_token, none, none, num_chunks=1, mutate=True)
+
+    def _launch(self, req_to_token, req_pool_indices, seq_lens, num_chunks: int, mutate: bool) -> None:
+        bsz = req_pool_indices.shape[0]
         plan_decode(req_pool_indices, seq_lens, req_to_token, self.pool.encoded_len, self.pool.valid,
                     self.ws.plan.rows, self.encode_slots[: bsz * self.chunk], self.ws.plan.totals, self.ws.seed,
-                    capacity=self.ws.plan.capacity, num_chunks=self.ws.num_chunks(bsz), sink=self.sink,
+                    capacity=self.ws.plan.capacity, num_chunks=num_chunks, sink=self.sink,
                     window=self.window, chunk=self.chunk, align=CHUNK_ALIGN, mutate=mutate)
