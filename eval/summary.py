@@ -201,6 +201,18 @@ def _load(path) -> dict | None:
         return None
 
 
+def prefix_rows(prefix: dict | None) -> list:
+    """The prefix-sharing table, rebuilt from the file's runs with the current rows (a file written
+    before a row existed still has the data for it); the file's own table if it has no runs."""
+    if not prefix:
+        return []
+    if prefix.get("runs"):
+        from eval.prefix_sharing import table
+
+        return table(prefix["runs"], prefix.get("agreement"))
+    return prefix.get("table") or []
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--accuracy", nargs="*", default=[str(RESULTS / "accuracy.json")])
@@ -219,7 +231,7 @@ def main(argv=None):
                  for d in speed for r in d.get("rows", [])}
     out = Path(args.out_dir)
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(to_markdown(summary, raw_speed, (prefix or {}).get("table") or [], accuracy_model))
+    (out / "summary.md").write_text(to_markdown(summary, raw_speed, prefix_rows(prefix), accuracy_model))
     print(f"[eval] wrote {out / 'summary.md'}")
     for p in plot(summary, raw_speed, out):
         print(f"[eval] wrote {p}")

@@ -80,10 +80,12 @@ class Harness:
         v = torch.randn(n, s.kv_heads, s.head_dim, generator=self.gen).to(self.dtype)
         return q, k, v
 
-    def extend_batch(self, rows, prefix_lens, seq_lens, out_cache_loc, rids=None):
+    def extend_batch(self, rows, prefix_lens, seq_lens, out_cache_loc, rids=None, mode=ForwardMode.EXTEND):
+        """``mode=ForwardMode.MIXED``: some rows are running requests' decode tokens (one new token on a
+        prefix of all the earlier ones), as --enable-mixed-chunk batches them with a prefill chunk."""
         ext = [s - p for s, p in zip(seq_lens, prefix_lens)]
         fb = ForwardBatch(
-            forward_mode=ForwardMode.EXTEND, batch_size=len(rows), input_ids=torch.zeros(sum(ext), dtype=torch.int64),
+            forward_mode=mode, batch_size=len(rows), input_ids=torch.zeros(sum(ext), dtype=torch.int64),
             req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq_lens), out_cache_loc=out_cache_loc.to(torch.int64),
             seq_lens_sum=sum(seq_lens),
         )

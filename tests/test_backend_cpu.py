@@ -8,12 +8,13 @@ import pytest
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_harness import Harness
 from sglang_rabitq.backend import RaBitQAttnBackend
 from sglang_rabitq.config import RaBitQConfig
 from sglang_rabitq.model_check import UnsupportedModelError
-from sglang_rabitq.reference import encode_keys, rabitq_decode, unpack_bits
+from sglang_rabitq.reference import dense_decode_attention, encode_keys, rabitq_decode, unpack_bits
 
 CFG = RaBitQConfig(top_p=0.9, sink=8, window=16, dense_layers=1, encode_chunk=8)
 
@@ -153,6 +154,53 @@ def test_a_chunked_prefill_counts_its_cache_hit_once():
     assert after["codes_reused"] - before["codes_reused"] == 300  # the radix hit, in the first chunk only
     assert after["codes_encoded"] - before["codes_encoded"] == 300
     assert_codes_match(b, h, h.req_pool.req_to_token[row, :600].long())
+
+
+def test_a_mixed_batch_extends_one_request_while_another_decodes():
+    """--enable-mixed-chunk puts running requests' decode tokens into a prefill batch (MIXED mode):
+    all of it attends densely through the extend path, the decoding request's unencoded window tail
+    and its new token are encoded there, and its next decode step plans from that."""
+    h = Harness()
+    b = make(h)
+    tokens_a = list(range(300))
+    row_a, _, new = h.new_request(tokens_a)
+    h.run(b, h.extend_batch([row_a], [0], [300], new, rids=["a"]), 300)
+    length = 300
+    for _ in range(3):
+        decode(h, b, row_a, length)
+        length += 1
+    assert int(b.pool.encoded_len[row_a]) == 300  # three decoded tokens still in the window
+    before = b.stats.snapshot()
+    slot_a = h.append_token(row_a, length)
+    row_b, _, new_b = h.new_request(list(range(5000, 5120)))
+    fb = h.extend_batch([row_a, row_b], [length, 0], [length + 1, 120], torch.cat([slot_a, new_b]),
+                        rids=["a", "b"], mode=ForwardMode.MIXED)
+    outs = h.run(b, fb, 121)
+    length += 1
+    after = b.stats.snapshot()
+    assert after["codes_reused"] - before["codes_reused"] == 0  # A's own codes: no cache hit
+    assert after["codes_encoded"] - before["codes_encoded"] == 3 + 1 + 120  # its tail, its token, B
+    for row, n in ((row_a, length), (row_b, 120)):
+        slots = h.req_pool.req_to_token[row, :n].long()
+        assert b.pool.valid[slots].all() and int(b.pool.encoded_len[row]) == n
+        assert_codes_match(b, h, slots)
+    lid = 2  # A's decode token attended every one of its keys, exactly
+    q, out = outs[lid]
+    slots = h.req_pool.req_to_token[row_a, :length].long()
+    ref = dense_decode_attention(q[0].view(4, 64).float(), h.kv_pool.get_key_buffer(lid)[slots].float(),
+                                 h.kv_pool.get_value_buffer(lid)[slots].float(), 64**-0.5)
+    assert torch.allclose(out[0].view(4, 64).float(), ref, atol=2e-2, rtol=2e-2)
+    outs = decode(h, b, row_a, length)  # the next plain decode step: sparse over the mixed batch's codes
+    q, out = outs[lid]
+    ref, attended = rabitq_decode(
+        q.view(1, 4, 64).float(), h.kv_pool.get_key_buffer(lid), h.kv_pool.get_value_buffer(lid),
+        b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
+        torch.tensor([row_a]), torch.tensor([length + 1]), torch.tensor([length]),
+        top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
+        score_temperature=CFG.score_temperature, center=b.pool.center[lid],
+    )
+    assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
+    assert max(len(a) for a in attended[0]) < length + 1  # sparse
 
 
 def test_decode_after_a_prefix_hit_is_bit_identical_to_decode_from_scratch():

@@ -315,6 +315,15 @@ if __name__ != "__main__":
         assert data["agreement"]["overall"]["compared"] + data["agreement"]["overall"]["diverged_inputs"] == 6 * 2 + 2 * 3
         assert dense["repeat"]["self_exact"] == 1.0
         assert res["summary"]["dense_tpot_ms"] > 0 and res["summary"]["codes_reused"] > 0
+        # the summary rebuilds the table from the runs: an older file without the wall rows gets them
+        data["table"] = [row for row in data["table"] if "wall" not in row[0]]
+        out.write_text(json.dumps(data))
+        summary.main(["--accuracy", str(tmp_path / "none.json"), "--speed", str(tmp_path / "none.json"),
+                      "--prefix", str(out), "--out-dir", str(tmp_path)])
+        md = (tmp_path / "summary.md").read_text()
+        walls = [line for line in md.splitlines() if " wall s |" in line]
+        assert [line.split(" |")[0] for line in walls] == ["| c=1 wall s", "| c=3 wall s", "| chats wall s"]
+        assert all(float(line.split("|")[2]) > 0 for line in walls)
 
     def test_e2e_smoke_driver_compares_passes_from_an_empty_cache(fake, tmp_path):
         out = tmp_path / "e2e_smoke.json"
