@@ -301,6 +301,21 @@ def test_unsupported_deployments_fail_at_startup_naming_the_reason(change, reaso
         make(h)
 
 
+def test_each_tensor_parallel_rank_draws_the_rotations_one_gpu_draws_for_its_kv_heads():
+    """--tp 2 splits the kv-heads across ranks: each rank's code pool holds its own heads, rotated as
+    a single GPU rotates those global heads, so a model's codes do not depend on the TP degree."""
+    one = make(Harness(kv_heads=2, q_heads=4))
+    for rank in (0, 1):
+        h = Harness(kv_heads=1, q_heads=2)  # the KV pool and layers of one rank
+        h.shape.kv_heads, h.shape.q_heads = 2, 4  # the model's totals: get_num_kv_heads(tp) halves them
+        h.runner.tp_rank, h.runner.tp_size = rank, 2
+        b = make(h)
+        assert (b.num_kv_heads, b.num_q_heads) == (1, 2)
+        assert b.pool.sparse_layers == one.pool.sparse_layers
+        for lid in b.pool.sparse_layers:
+            assert torch.equal(b.pool.rot[lid][0], one.pool.rot[lid][rank])
+
+
 def test_head_dim_must_be_multiple_of_32():
     h = Harness()
     h.shape.head_dim = 80
