@@ -6,8 +6,10 @@ five servers of one model on one GPU, started one after another by this script:
 Checks: OpenAI chat / completion / streaming answer; `--rabitq-top-p 1.0` gives the same greedy
 text as dense on every prompt; a multi-turn conversation over a shared long document reuses codes
 (radix cache) and matches dense; CUDA graphs on and off give identical output (the dense backend's
-own on/off agreement is reported beside it); a repeat run on the same server is identical. Every
-greedy pass starts from an empty radix cache, so all servers compute the same prompts the same way.
+own on/off agreement is reported beside it); a repeat run on the same server is identical; the
+first concurrent batches (3, 9 and 16 requests, sizes the server has not run yet) compile no more
+Triton kernels than they make the dense server compile. Every greedy pass starts from an empty radix
+cache, so all servers compute the same prompts the same way.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.server import Server, chat_once, chat_stream, env_info, rabitq_snapshot, write_json  # noqa: E402
+from eval.server import Server, chat_once, chat_stream, env_info, rabitq_snapshot, run_concurrent, write_json  # noqa: E402
 
 NAMES = ["Arlen", "Bexley", "Corin", "Dorset", "Elmira", "Fenwick", "Galen", "Harlow", "Isolde", "Jory"]
 THINGS = ["lighthouse", "orchard", "violin", "glacier", "telescope", "canal", "library", "windmill"]
@@ -57,6 +60,20 @@ def greedy_texts(server: Server, convs: list[list[dict]], max_tokens: int) -> li
         raise RuntimeError(f"{server.backend} on :{server.port} refused /flush_cache")
     client = server.openai()
     return [chat_once(client, c, max_tokens)["text"] for c in convs]
+
+
+def compiled_kernels(cache_dir: Path) -> int:
+    """Kernel variants Triton has compiled into a cache directory (one entry each)."""
+    return sum(1 for p in cache_dir.iterdir() if p.is_dir()) if cache_dir.is_dir() else 0
+
+
+def new_batch_sizes(server: Server, max_tokens: int) -> None:
+    """Batches of 3, 9 and 16 concurrent requests: a server that has run one request at a time
+    reaches new batch-size classes (Triton specializes integers as 1, multiples of 16, other)."""
+    client = server.openai()
+    for c in (3, 9, 16):
+        convs = [[{"role": "user", "content": f"Write {n + 2} words about the number {n}."}] for n in range(c)]
+        run_concurrent(lambda conv: chat_once(client, conv, max_tokens), convs, c)
 
 
 MULTI_TURN_DOC = (7, 220)  # seed and records of the shared document
@@ -99,10 +116,16 @@ def main(argv=None):
     env = {"SGLANG_RABITQ_LOG_EVERY_S": "0"}  # export counters after every batch
     # ports 10 apart: SGLang also binds a few ports right above the one it serves on
     common = dict(mem_fraction_static=args.mem_fraction_static, log_path=None, env=env)
+    # a fresh Triton cache each for the dense and the default rabitq server: what they compile while
+    # serving shows as new entries
+    caches = {name: logs / f"triton-cache-{name}" for name in ("dense", "sparse")}
+    for cache in caches.values():
+        shutil.rmtree(cache, ignore_errors=True)
+    own_cache = {name: {**env, "TRITON_CACHE_DIR": str(cache)} for name, cache in caches.items()}
     servers = {
-        "dense": Server(args.model, "flashinfer", args.port, ["--disable-prefill-cuda-graph"], **{**common, "log_path": logs / "smoke-dense.log"}),
+        "dense": Server(args.model, "flashinfer", args.port, ["--disable-prefill-cuda-graph"], **{**common, "log_path": logs / "smoke-dense.log", "env": own_cache["dense"]}),
         "p1": Server(args.model, "rabitq", args.port + 10, ours + ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
-        "sparse": Server(args.model, "rabitq", args.port + 20, ours, **{**common, "log_path": logs / "smoke-sparse.log"}),
+        "sparse": Server(args.model, "rabitq", args.port + 20, ours, **{**common, "log_path": logs / "smoke-sparse.log", "env": own_cache["sparse"]}),
         "nograph": Server(args.model, "rabitq", args.port + 30, ours + ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
         # the dense backend's own graph on/off agreement: the floor for rabitq's (reported)
         "dense-nograph": Server(args.model, "flashinfer", args.port + 40, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-dense-nograph.log"}),
@@ -196,6 +219,14 @@ def main(argv=None):
                 same = sum(a == b for a, b in zip(dense_ans, p1_ans))
                 check("multi-turn answers at top-p 1.0 identical to dense", same == len(dense_ans), identical=same,
                       of=len(dense_ans))
+        if "dense" not in errors and "sparse" not in errors:
+            compiles = {}
+            for name in ("dense", "sparse"):  # every earlier request ran alone
+                before = compiled_kernels(caches[name])
+                new_batch_sizes(servers[name], 16)
+                compiles[name] = compiled_kernels(caches[name]) - before
+            check("new batch sizes compile no more Triton kernels than dense", compiles["sparse"] <= compiles["dense"],
+                  rabitq=compiles["sparse"], dense=compiles["dense"])
     finally:
         for srv in servers.values():
             srv.stop()

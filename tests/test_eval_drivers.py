@@ -214,6 +214,7 @@ def serve():
     args, _ = ap.parse_known_args()
     Fake.backend, Fake.top_p = args.attention_backend, args.rabitq_top_p
     print("fake sglang", sys.argv, flush=True)
+    print("fake triton cache", os.environ.get("TRITON_CACHE_DIR"), flush=True)
     print("max_total_num_tokens=50000", flush=True)  # what SGLang logs once its KV pool is sized
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
@@ -342,6 +343,16 @@ if __name__ != "__main__":
         flushes = {name: (logs / f"smoke-{name}.log").read_text().count("flush_cache")
                    for name in ("dense", "p1", "sparse", "nograph", "dense-nograph")}
         assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1}
+        # the dense and the default rabitq server each compile into a fresh Triton cache of their own
+        caches = {name: next(line for line in (logs / f"smoke-{name}.log").read_text().splitlines()
+                             if line.startswith("fake triton cache")).split()[-1] for name in flushes}
+        assert caches["dense"] == str(logs / "triton-cache-dense") and caches["sparse"] == str(logs / "triton-cache-sparse")
+        assert checks["new batch sizes compile no more Triton kernels than dense"] == {
+            "check": "new batch sizes compile no more Triton kernels than dense", "passed": True, "rabitq": 0, "dense": 0}
+        (tmp_path / "cache" / "a1").mkdir(parents=True)
+        (tmp_path / "cache" / "b2").mkdir()
+        (tmp_path / "cache" / "lock").write_text("")
+        assert e2e_smoke.compiled_kernels(tmp_path / "cache") == 2 and e2e_smoke.compiled_kernels(tmp_path / "none") == 0
         for name in ("p1", "sparse", "nograph", "dense"):  # --rabitq-args reach the rabitq servers only
             argv = next(line for line in (logs / f"smoke-{name}.log").read_text().splitlines() if "fake sglang" in line)
             assert ("'--rabitq-center', 'calibrate'" in argv) == (name != "dense"), (name, argv)
