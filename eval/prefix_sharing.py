@@ -251,7 +251,9 @@ def table(runs: dict, agree: dict | None) -> list[tuple]:
                  (f"c={c} TTFT ms", lambda r, i=i: r["levels"][i]["ttft_ms_mean"]),
                  (f"c={c} TPOT ms", lambda r, i=i: r["levels"][i]["tpot_ms"]),
                  (f"c={c} output tok/s", lambda r, i=i: r["levels"][i]["output_tok_s"])]
-    rows += [("chats wall s", lambda r: r["chats"]["wall_s"]), ("chats TTFT ms", lambda r: r["chats"]["ttft_ms_mean"]), ("chats TPOT ms", lambda r: r["chats"]["tpot_ms"])]
+    rows += [("chats wall s", lambda r: r["chats"]["wall_s"]),
+             ("chats TTFT ms", lambda r: r["chats"]["ttft_ms_mean"]),
+             ("chats TPOT ms", lambda r: r["chats"]["tpot_ms"])]
     out = [(name, get(runs.get("dense"), f), get(runs.get("rabitq"), f)) for name, f in rows]
     if agree:
         out.append(("agreement exact (vs dense)", 1.0, agree["overall"]["exact"]))
