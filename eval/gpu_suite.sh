@@ -39,7 +39,8 @@ export PYTHONUNBUFFERED=1
 run_step() {
     case $1 in
     kernels)
-        python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plan.py tests/test_kernel_sass.py
+        python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_plan.py tests/test_kernel_sass.py \
+            tests/test_compile_once.py
         local rc=$?
         RABITQ_TEST_SEED=$FAILING_SEED python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k decode_layer
         return $rc ;;
