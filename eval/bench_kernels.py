@@ -18,35 +18,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
+
+from pathlib import Path
 
 import torch
 import triton
 
-from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, rabitq_decode_layer
-from sglang_rabitq.kernels.decode import BLOCK_N
-from sglang_rabitq.kernels.score import score_chunks
-from sglang_rabitq.kernels.select import top_p_threshold
-from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
-from sglang_rabitq.reference import random_rotation
-
-# (query heads, kv-heads, head_dim); the default run times the first two
-SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64), "qwen2.5-1.5b": (12, 2, 128)}
-
-
-def bench(fn, reps=50):
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1000.0  # us
-
-
-def graph_time(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eval.decode_step import SHAPES, Setup, bench, graph_time  # noqa: E402
+from sglang_rabitq.kernels import prepare_query  # noqa: E402
+from sglang_rabitq.kernels.decode import BLOCK_N  # noqa: E402
+from sglang_rabitq.kernels.score import score_chunks  # noqa: E402
+from sglang_rabitq.kernels.select import top_p_threshold  # noqa: E402
+from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention  # noqa: E402
 
 
 def copy_bandwidth():
@@ -56,86 +42,55 @@ def copy_bandwidth():
     return 2 * src.numel() / t / 1e9  # GB/s, bytes read + written
 
 
-class Setup:
-    def __init__(self, hq, hkv, d, ctx, bs, seed=0):
-        torch.manual_seed(seed)
-        n = ctx * bs + 1
-        self.hq, self.hkv, self.d, self.ctx, self.bs = hq, hkv, d, ctx, bs
-        self.k = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
-        self.v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16)
-        self.q = torch.randn(bs, hq, d, device="cuda", dtype=torch.bfloat16)
-        self.r2t = (torch.arange(bs * ctx, device="cuda", dtype=torch.int32) + 1).view(bs, ctx)
-        self.rot = random_rotation(d, seed=1, num_heads=hkv).cuda()
-        self.center = torch.zeros(hkv, d, device="cuda")
-        self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device="cuda")
-        self.factor = torch.zeros(n, hkv, device="cuda")
-        self.out = torch.empty_like(self.q)
-        self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, "cuda")
-        self.seq = torch.full((bs,), ctx, device="cuda", dtype=torch.int32)
-        self.rpi = torch.arange(bs, device="cuda")
+def stages(s: Setup, top_p, warps=(2, 4, 8)):
+    """Each launch of one step on its own (run ``s.ours(top_p)`` once first: it fills the workspace)."""
+    ws, bs, sm = s.ws, s.bs, s.d**-0.5
+    nc = ws.num_chunks(bs)
+    qscal, qbits, thr, plan = ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
+    # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
+    out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qbits, prior_lse=ws.prior[:bs], k_buf=s.k,
+                                                  req_to_token=s.r2t, plan=plan, center=s.center, prior_scale=sm)}
+    for w in warps:
+        out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,
+                                                      ws.stats, sm, s.hkv, nc, num_warps=w)
+    out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
+    for w in warps:
+        out[f"attention_w{w}"] = lambda w=w: sparse_attention(
+            s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out,
+            ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, num_warps=w)
+    out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, s.out, nc + 1)
+    return out
 
-    def plant(self, frac: float, sink=64, window=64):
-        """Make ``frac`` of every request's tokens strongly aligned with its query group."""
-        g = self.hq // self.hkv
-        group_dir = self.q.float().view(self.bs, self.hkv, g, self.d).sum(2)
-        group_dir = group_dir / group_dir.norm(dim=-1, keepdim=True)
-        hot = torch.rand(self.bs, self.ctx, device="cuda") < frac
-        slots = self.r2t[hot].long()
-        req = torch.nonzero(hot)[:, 0]
-        self.k[slots] = (group_dir[req] * 8 * math.sqrt(g)).to(self.k.dtype)
-        all_slots = self.r2t.flatten().long()
-        encode_slots(self.k, all_slots, self.rot, self.center, self.codes, self.factor)
-        self.ws.plan.fill(self.rpi, self.seq, self.seq, sink, window, self.ws.num_chunks(self.bs))
 
-    def ours(self, top_p):
-        return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
-                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p, center=self.center)
+def flashinfer_step(s: Setup):
+    """FlashInfer's dense decode of the same batch (page size 1)."""
+    import flashinfer
 
-    def stages(self, top_p, warps=(2, 4, 8)):
-        """Each launch of one step on its own (run ``ours(top_p)`` once first: it fills the workspace)."""
-        ws, bs, sm = self.ws, self.bs, self.d**-0.5
-        nc = ws.num_chunks(bs)
-        qscal, qbits, thr, plan = ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
-        # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
-        out = {"prepare_query": lambda: prepare_query(self.q, self.rot, qscal, qbits, prior_lse=ws.prior[:bs], k_buf=self.k,
-                                                      req_to_token=self.r2t, plan=plan, center=self.center, prior_scale=sm)}
-        for w in warps:
-            out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, self.codes, self.factor, self.r2t, plan, ws.logits,
-                                                          ws.stats, sm, self.hkv, nc, num_warps=w)
-        out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
-        for w in warps:
-            out[f"attention_w{w}"] = lambda w=w: sparse_attention(
-                self.q, self.k, self.v, ws.logits, ws.index, self.r2t, plan, thr, ws.partial_out,
-                ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, num_warps=w)
-        out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, self.out, nc + 1)
-        return out
+    indptr = torch.arange(s.bs + 1, device="cuda", dtype=torch.int32) * s.ctx
+    indices = s.r2t.flatten()
+    last = torch.ones(s.bs, device="cuda", dtype=torch.int32)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"), "NHD",
+        use_tensor_cores=s.hq // s.hkv >= 4)
+    wrapper.plan(indptr, indices, last, s.hq, s.hkv, s.d, 1,
+                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    kc, vc = s.k.view(-1, 1, s.hkv, s.d), s.v.view(-1, 1, s.hkv, s.d)
+    return lambda: wrapper.run(s.q, (kc, vc))
 
-    def flashinfer(self):
-        import flashinfer
 
-        indptr = torch.arange(self.bs + 1, device="cuda", dtype=torch.int32) * self.ctx
-        indices = self.r2t.flatten()
-        last = torch.ones(self.bs, device="cuda", dtype=torch.int32)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"), "NHD",
-            use_tensor_cores=self.hq // self.hkv >= 4)
-        wrapper.plan(indptr, indices, last, self.hq, self.hkv, self.d, 1,
-                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-        kc, vc = self.k.view(-1, 1, self.hkv, self.d), self.v.view(-1, 1, self.hkv, self.d)
-        return lambda: wrapper.run(self.q, (kc, vc))
+def triton_dense_step(s: Setup):
+    """SGLang's Triton dense decode of the same batch."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
-    def triton_dense(self):
-        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-
-        splits = 16
-        indptr = torch.arange(self.bs + 1, device="cuda", dtype=torch.int32) * self.ctx
-        indices = self.r2t.flatten().to(torch.int64)
-        logits = torch.empty(self.bs, self.hq, splits, self.d, device="cuda")
-        lse = torch.empty(self.bs, self.hq, splits, device="cuda")
-        nsplit = torch.full((self.bs,), splits, device="cuda", dtype=torch.int32)
-        o = torch.empty_like(self.q)
-        return lambda: decode_attention_fwd(self.q, self.k, self.v, o, indptr, indices, logits, lse, nsplit, splits,
-                                            self.d**-0.5, 1.0, 1.0)
+    splits = 16
+    indptr = torch.arange(s.bs + 1, device="cuda", dtype=torch.int32) * s.ctx
+    indices = s.r2t.flatten().to(torch.int64)
+    logits = torch.empty(s.bs, s.hq, splits, s.d, device="cuda")
+    lse = torch.empty(s.bs, s.hq, splits, device="cuda")
+    nsplit = torch.full((s.bs,), splits, device="cuda", dtype=torch.int32)
+    o = torch.empty_like(s.q)
+    return lambda: decode_attention_fwd(s.q, s.k, s.v, o, indptr, indices, logits, lse, nsplit, splits,
+                                        s.d**-0.5, 1.0, 1.0)
 
 
 def _meta(bw):
@@ -162,7 +117,7 @@ def breakdown(args, bw):
                 row = dict(shape=shape, context=ctx, batch=bs, step_us=graph_time(step),
                            num_chunks=s.ws.num_chunks(bs),
                            budget=s.ws.kept_tokens(bs).sum().item() / (bs * hkv * ctx))
-                row.update({name: graph_time(fn) for name, fn in s.stages(args.top_p).items()})
+                row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()})
                 rows.append(row)
                 print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
                 del s
@@ -205,9 +160,9 @@ def main():
                 s = Setup(hq, hkv, d, ctx, bs)
                 s.plant(0.0)
                 dense = {}
-                for name, make in (("flashinfer", s.flashinfer), ("triton", s.triton_dense)):
+                for name, make in (("flashinfer", flashinfer_step), ("triton", triton_dense_step)):
                     try:
-                        dense[name] = bench(make())
+                        dense[name] = bench(make(s))
                     except Exception as e:  # a baseline that cannot run here is reported, not hidden
                         print(f"{name} failed: {e!r}", flush=True)
                 dense_us = min(dense.values())
@@ -219,7 +174,7 @@ def main():
                     kept = s.ws.kept_tokens(bs).sum().item()
                     real_budget = kept / (bs * hkv * ctx)
                     t_graph = graph_time(fn)
-                    t_score = bench(s.stages(args.top_p, warps=(4,))["score_w4"])
+                    t_score = bench(stages(s, args.top_p, warps=(4,))["score_w4"])
                     code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
                     logit_bytes = bs * hq * ctx * 2  # fp16 logits: written by the score pass, read to select
                     score_bytes = code_bytes + logit_bytes

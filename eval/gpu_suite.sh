@@ -10,6 +10,8 @@
 #   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P, ACC_SAMPLES per task
 #   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
 #   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
+#   ab        eval/ab_step.py: one layer's decode step, this tree's kernels vs the tree at AB_BASE
+#             (e.g. `git archive HEAD~1 sglang_rabitq kernels | tar -x -C ab-base` before the call)
 #   summary   eval/summary.py over what the steps above wrote
 # Steps joined by a comma (e2e,accuracy) run at the same time: for steps that time nothing. Each one
 # starts once every server already started has sized its KV pool (SGLang sizes it from the free
@@ -53,11 +55,13 @@ run_step() {
     # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
     prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \
         --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
+    ab) [ -n "${AB_BASE:-}" ] || { echo "set AB_BASE to the tree to compare against"; return 2; }
+        python3 eval/ab_step.py --base "$AB_BASE" --out "$OUT/ab_step.json" ;;
     profile) python3 eval/profile_decode.py --dummy llama8b --context 8192 --batch 1 --out "$OUT/profile.json" \
         --log-dir "$OUT/logs" ;;
     summary) python3 eval/summary.py --accuracy "$OUT/accuracy.json" --speed "$OUT/speed.json" \
         --prefix "$OUT/prefix_sharing.json" --out-dir "$OUT" ;;
-    *) echo "unknown step $1 (steps: kernels e2e speed accuracy prefix profile summary)"; return 2 ;;
+    *) echo "unknown step $1 (steps: kernels e2e speed accuracy prefix profile ab summary)"; return 2 ;;
     esac
 }
 

@@ -1,0 +1,163 @@
+"""A/B of one layer's decode step between two source trees of this package, on one GPU in one run:
+both trees' kernels run the same seeded inputs (CUDA-graph replay), and their outputs are compared.
+
+    git archive HEAD~1 sglang_rabitq kernels | (mkdir -p /tmp/ab-base && tar -x -C /tmp/ab-base)
+    python eval/ab_step.py --base /tmp/ab-base --shapes qwen2.5-0.5b --contexts 16384 --batches 1,4,16
+
+``--head`` defaults to this checkout. A tree needs only ``sglang_rabitq/`` and ``kernels/``: each runs
+in a subprocess of its own that imports ``sglang_rabitq`` from ``TREE/sglang_rabitq`` and
+``sglang_rabitq.kernels`` from ``TREE/kernels`` (the installed layout), so neither sees the other's
+kernels. A shape is a name of ``decode_step.SHAPES`` or ``QxKVxD`` (query heads, kv-heads, head_dim).
+Without a GPU the step runs under Triton's interpreter and is compared but not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def use_tree(tree: Path) -> str:
+    """Make ``import sglang_rabitq`` load ``tree``'s sources; returns the kernels package's path."""
+    # an editable install of this checkout answers imports of the package through its own finder
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
+    for name, path in (("sglang_rabitq", tree / "sglang_rabitq"), ("sglang_rabitq.kernels", tree / "kernels")):
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    import sglang_rabitq.kernels.decode as decode
+
+    if not Path(decode.__file__).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"{decode.__file__} is not from {tree}")
+    return str(Path(decode.__file__).resolve().parent)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    from eval.decode_step import SHAPES
+
+    if text in SHAPES:
+        return SHAPES[text]
+    try:
+        hq, hkv, d = (int(x) for x in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"shape {text!r}: a name of {', '.join(SHAPES)} or QxKVxD") from None
+    return hq, hkv, d
+
+
+def configs(args) -> list[dict]:
+    return [dict(shape=shape, context=ctx, batch=bs, target_budget=budget)
+            for shape in args.shapes.split(",") for ctx in map(int, args.contexts.split(","))
+            for bs in map(int, args.batches.split(",")) for budget in map(float, args.budgets.split(","))]
+
+
+def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
+    """Run (and on a GPU time) every config with ``tree``'s kernels; save rows and outputs to ``out``."""
+    kernels_dir = use_tree(tree)
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from eval.decode_step import Setup, graph_time
+
+    cuda = torch.cuda.is_available()
+    rows, outputs = [], []
+    for cfg in cfgs:
+        hq, hkv, d = parse_shape(cfg["shape"])
+        s = Setup(hq, hkv, d, cfg["context"], cfg["batch"], device="cuda" if cuda else "cpu")
+        s.plant(cfg["target_budget"])
+        step = s.ours(top_p)
+        step()
+        outputs.append(s.out.float().cpu().clone())
+        budget = s.ws.kept_tokens(cfg["batch"]).sum().item() / (cfg["batch"] * hkv * cfg["context"])
+        rows.append(dict(cfg, budget=budget, us=graph_time(step) if cuda else None))
+        print(json.dumps(rows[-1]), flush=True)
+        del s, step
+        if cuda:
+            torch.cuda.empty_cache()
+    torch.save({"rows": rows, "outputs": outputs, "kernels": kernels_dir}, out)
+
+
+def run_tree(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> dict:
+    import torch
+
+    cmd = [sys.executable, __file__, "--worker", str(tree), "--configs", json.dumps(cfgs), "--top-p", str(top_p),
+           "--worker-out", str(out)]
+    print(f"[ab] {tree}", flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return torch.load(out)
+
+
+def compare(base: dict, head: dict) -> list[dict]:
+    import torch
+
+    rows = []
+    for b, h, ob, oh in zip(base["rows"], head["rows"], base["outputs"], head["outputs"]):
+        row = {k: h[k] for k in ("shape", "context", "batch", "target_budget")}
+        row.update(base_budget=b["budget"], head_budget=h["budget"], base_us=b["us"], head_us=h["us"],
+                   speedup=b["us"] / h["us"] if b["us"] and h["us"] else None,
+                   max_abs_diff=(ob - oh).abs().max().item(), identical=torch.equal(ob, oh))
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Decode step A/B (one layer, CUDA-graph replay, us)", "",
+             f"{result['gpu']}, {result['date']}. Command: `{result['command']}`", "",
+             f"base: `{result['base']}`; head: `{result['head']}`", "",
+             "| shape | context | batch | budget base / head | base us | head us | speedup | max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        us = [("-" if r[k] is None else f"{r[k]:.1f}") for k in ("base_us", "head_us")]
+        sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['base_budget']:.3f} / {r['head_budget']:.3f} "
+                     f"| {us[0]} | {us[1]} | {sp} | {r['max_abs_diff']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, help="source tree to compare against (needs sglang_rabitq/ and kernels/)")
+    ap.add_argument("--head", type=Path, default=ROOT)
+    ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
+    ap.add_argument("--contexts", default="16384")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--budgets", default="0.3")
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--out", type=Path, default=ROOT / "eval/results/ab_step.json")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--configs", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, json.loads(args.configs), args.top_p, args.worker_out)
+    if args.base is None:
+        ap.error("--base is required")
+    for tree in (args.base, args.head):
+        if not ((tree / "sglang_rabitq").is_dir() and (tree / "kernels").is_dir()):
+            ap.error(f"{tree} has no sglang_rabitq/ and kernels/")
+    sys.path.insert(0, str(ROOT))
+    from eval.server import env_info, write_json
+
+    cfgs = configs(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    base = run_tree(args.base, cfgs, args.top_p, args.out.with_suffix(".base.pt"))
+    head = run_tree(args.head, cfgs, args.top_p, args.out.with_suffix(".head.pt"))
+    for p in (args.out.with_suffix(".base.pt"), args.out.with_suffix(".head.pt")):
+        p.unlink()
+    result = {**env_info(), "base": base["kernels"], "head": head["kernels"], "top_p": args.top_p,
+              "rows": compare(base, head)}
+    write_json(args.out, result)
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

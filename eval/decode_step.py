@@ -1,0 +1,72 @@
+"""One layer's decode step on synthetic inputs, and its timing: what ``bench_kernels.py`` and
+``ab_step.py`` measure. Only the package's public kernel API is used (``DecodeWorkspace``,
+``encode_slots``, ``rabitq_decode_layer``), so the same inputs can drive two versions of it.
+
+The budget is set by planting "hot" keys aligned with their queries' group (a fraction of every
+request's tokens): top-p then keeps about that fraction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.reference import random_rotation
+
+# (query heads, kv-heads, head_dim)
+SHAPES = {"llama3.1-8b": (32, 8, 128), "qwen2.5-0.5b": (14, 2, 64), "qwen2.5-1.5b": (12, 2, 128)}
+
+
+def bench(fn, reps=50):
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1000.0  # us
+
+
+def graph_time(fn):
+    """Median time (us) of ``fn`` captured in a CUDA graph and replayed."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
+
+
+class Setup:
+    """A batch of ``bs`` requests of ``ctx`` tokens each, K/V in a pool of page size 1 (seeded)."""
+
+    def __init__(self, hq, hkv, d, ctx, bs, seed=0, device="cuda"):
+        torch.manual_seed(seed)
+        n = ctx * bs + 1
+        self.hq, self.hkv, self.d, self.ctx, self.bs = hq, hkv, d, ctx, bs
+        self.k = torch.randn(n, hkv, d, device=device, dtype=torch.bfloat16)
+        self.v = torch.randn(n, hkv, d, device=device, dtype=torch.bfloat16)
+        self.q = torch.randn(bs, hq, d, device=device, dtype=torch.bfloat16)
+        self.r2t = (torch.arange(bs * ctx, device=device, dtype=torch.int32) + 1).view(bs, ctx)
+        self.rot = random_rotation(d, seed=1, num_heads=hkv).to(device)
+        self.center = torch.zeros(hkv, d, device=device)
+        self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device=device)
+        self.factor = torch.zeros(n, hkv, device=device)
+        self.out = torch.empty_like(self.q)
+        self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, device, **({} if device == "cuda" else {"num_sms": 4}))
+        self.seq = torch.full((bs,), ctx, device=device, dtype=torch.int32)
+        self.rpi = torch.arange(bs, device=device)
+
+    def plant(self, frac: float, sink=64, window=64):
+        """Make ``frac`` of every request's tokens strongly aligned with its query group."""
+        g = self.hq // self.hkv
+        group_dir = self.q.float().view(self.bs, self.hkv, g, self.d).sum(2)
+        group_dir = group_dir / group_dir.norm(dim=-1, keepdim=True)
+        hot = torch.rand(self.bs, self.ctx, device=self.q.device) < frac
+        slots = self.r2t[hot].long()
+        req = torch.nonzero(hot)[:, 0]
+        self.k[slots] = (group_dir[req] * 8 * math.sqrt(g)).to(self.k.dtype)
+        all_slots = self.r2t.flatten().long()
+        encode_slots(self.k, all_slots, self.rot, self.center, self.codes, self.factor)
+        self.ws.plan.fill(self.rpi, self.seq, self.seq, sink, window, self.ws.num_chunks(self.bs))
+
+    def ours(self, top_p):
+        return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
+                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p, center=self.center)

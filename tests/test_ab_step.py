@@ -1,0 +1,44 @@
+"""eval/ab_step.py: each tree's own kernels run (an edit in the base tree shows in its output), and
+identical trees give identical outputs. On CPU under the interpreter (conftest sets it; not timed)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MERGE = "merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)"
+
+
+def copy_tree(dst: Path) -> Path:
+    for name in ("sglang_rabitq", "kernels"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def run_ab(base: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "eval/ab_step.py"), "--base", str(base), "--shapes", "4x2x64",
+           "--contexts", "512", "--batches", "2", "--budgets", "0.1", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT)  # the environment, TRITON_INTERPRET included, is inherited
+    return json.loads(out.read_text())
+
+
+def test_a_copy_of_this_tree_gives_identical_outputs(tmp_path):
+    base = copy_tree(tmp_path / "base")
+    result = run_ab(base, tmp_path / "ab.json")
+    assert Path(result["base"]).is_relative_to(base) and Path(result["head"]) == ROOT / "kernels"
+    (row,) = result["rows"]
+    assert row["identical"] and row["max_abs_diff"] == 0.0
+    assert row["base_budget"] == row["head_budget"] > 0
+    assert (tmp_path / "ab.md").read_text().count("| 4x2x64 | 512 | 2 |") == 1
+
+
+def test_the_base_tree_runs_its_own_kernels(tmp_path):
+    base = copy_tree(tmp_path / "base")
+    decode = base / "kernels/decode.py"
+    src = decode.read_text()
+    assert MERGE in src
+    decode.write_text(src.replace(MERGE, MERGE + "\n    out.mul_(2)"))
+    (row,) = run_ab(base, tmp_path / "ab.json")["rows"]
+    assert not row["identical"] and row["max_abs_diff"] > 0
