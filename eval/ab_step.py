@@ -75,8 +75,7 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
         step = s.ours(top_p)
         step()
         outputs.append(s.out.float().cpu().clone())
-        budget = s.ws.kept_tokens(cfg["batch"]).sum().item() / (cfg["batch"] * hkv * cfg["context"])
-        rows.append(dict(cfg, budget=budget, us=graph_time(step) if cuda else None))
+        rows.append(dict(cfg, budget=s.budget(), us=graph_time(step) if cuda else None))
         print(json.dumps(rows[-1]), flush=True)
         del s, step
         if cuda:
@@ -147,15 +146,17 @@ def main(argv=None):
 
     cfgs = configs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    base = run_tree(args.base, cfgs, args.top_p, args.out.with_suffix(".base.pt"))
-    head = run_tree(args.head, cfgs, args.top_p, args.out.with_suffix(".head.pt"))
-    for p in (args.out.with_suffix(".base.pt"), args.out.with_suffix(".head.pt")):
-        p.unlink()
-    result = {**env_info(), "base": base["kernels"], "head": head["kernels"], "top_p": args.top_p,
-              "rows": compare(base, head)}
+    runs = {}
+    for side, tree in (("base", args.base), ("head", args.head)):
+        scratch = args.out.with_suffix(f".{side}.pt")
+        runs[side] = run_tree(tree, cfgs, args.top_p, scratch)
+        scratch.unlink()
+    result = {**env_info(), "base": runs["base"]["kernels"], "head": runs["head"]["kernels"], "top_p": args.top_p,
+              "rows": compare(runs["base"], runs["head"])}
     write_json(args.out, result)
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    table = markdown(result)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
     return result
 
 

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import sys
-
 from pathlib import Path
 
 import torch
@@ -115,8 +114,7 @@ def breakdown(args, bw):
                 s.plant(0.10)
                 step = s.ours(args.top_p)
                 row = dict(shape=shape, context=ctx, batch=bs, step_us=graph_time(step),
-                           num_chunks=s.ws.num_chunks(bs),
-                           budget=s.ws.kept_tokens(bs).sum().item() / (bs * hkv * ctx))
+                           num_chunks=s.ws.num_chunks(bs), budget=s.budget())
                 row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()})
                 rows.append(row)
                 print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)

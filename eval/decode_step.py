@@ -50,7 +50,7 @@ class Setup:
         self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device=device)
         self.factor = torch.zeros(n, hkv, device=device)
         self.out = torch.empty_like(self.q)
-        self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, device, **({} if device == "cuda" else {"num_sms": 4}))
+        self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, device)
         self.seq = torch.full((bs,), ctx, device=device, dtype=torch.int32)
         self.rpi = torch.arange(bs, device=device)
 
@@ -70,3 +70,7 @@ class Setup:
     def ours(self, top_p):
         return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
                                            self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p, center=self.center)
+
+    def budget(self) -> float:
+        """Tokens the last step attended per kv-head, over the context."""
+        return self.ws.kept_tokens(self.bs).sum().item() / (self.bs * self.hkv * self.ctx)
