@@ -21,21 +21,22 @@ def _threshold_kernel(
     row = tl.program_id(0) * HQ + tl.program_id(1)
     base = row * NC
     offs_c = tl.arange(0, NCP)
-    cm = tl.load(cmax_ptr + base + offs_c, mask=offs_c < NC, other=float("-inf"))
-    m = tl.max(cm, axis=0)
+    # Loads that do not wait for one another: at batch 1 this kernel is a chain of memory round
+    # trips (one per dependent load), not bandwidth. An empty chunk's top bin is NO_BIN, so the
+    # max needs no liveness mask, and its histogram (never written) lands below bin 0, unread.
+    m = tl.max(tl.load(cmax_ptr + base + offs_c, mask=offs_c < NC, other=float("-inf")), axis=0)
+    top = tl.max(tl.load(ctop_ptr + base + offs_c, mask=offs_c < NC, other=NO_BIN), axis=0)
     any_live = m > float("-inf")
     m0 = tl.where(any_live, m, 0.0)
-    live = cm > float("-inf")
-    top = tl.max(tl.load(ctop_ptr + base + offs_c, mask=live, other=NO_BIN), axis=0)
     offs_j = tl.arange(0, NB)
     # sum the chunks' histograms, re-anchored to the global top bin, CB chunks per 2-D load
     offs_cb = tl.arange(0, CB)
     count = tl.zeros((NB,), tl.int32)
     for c0 in range(0, NC, CB):
         c = c0 + offs_cb
-        live_c = tl.load(cmax_ptr + base + c, mask=c < NC, other=float("-inf")) > float("-inf")  # empty: adds nothing
-        src = offs_j[None, :] - (top - tl.load(ctop_ptr + base + c, mask=live_c, other=0))[:, None]
-        take = live_c[:, None] & (src >= 0)
+        shift = top - tl.load(ctop_ptr + base + c, mask=c < NC, other=NO_BIN)  # huge for an empty chunk
+        src = offs_j[None, :] - shift[:, None]
+        take = tl.where(any_live, src, -1) >= 0
         count += tl.sum(tl.load(ccount_ptr + (base + c)[:, None] * NB + src, mask=take, other=0), axis=0)
     # a bin's mass: its count at the bin's middle logit (relative to exp(m))
     mass = count.to(tl.float32) * tl.exp((top - offs_j).to(tl.float32) * BIN_W + 0.5 * BIN_W - m0)
@@ -66,7 +67,8 @@ def _threshold_kernel(
 def threshold_constexprs(num_chunks: int) -> dict:
     """The threshold kernel's compile-time arguments for ``num_chunks`` chunks per request."""
     ncp = triton.next_power_of_2(num_chunks)
-    return dict(NCP=ncp, CB=min(32, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
+    # few, wide iterations: CB chunks' [CB, NB] counts per load
+    return dict(NCP=ncp, CB=min(128, ncp), NB=HIST_BINS, BIN_W=BIN_WIDTH, SMALL=SMALL_BIN)
 
 
 def top_p_threshold(

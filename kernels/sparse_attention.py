@@ -130,9 +130,10 @@ def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
     den = tl.sum(tl.zeros((BLOCK_P,), tl.float32), axis=0)
     for p0 in range(0, NPART, BLOCK_P):
         ok = p0 + offs_p < NPART
+        # both loads at once (at batch 1 the loop is latency bound): every part was written, an
+        # empty one as zeros with weight 0
         w = tl.exp(tl.load(plse_ptr + row + p0 + offs_p, mask=ok, other=float("-inf")) - m_ref)
-        # an empty part (weight 0) is not read
-        part = tl.load(po_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :], mask=ok[:, None] & (w[:, None] > 0), other=0.0)
+        part = tl.load(po_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
         acc += tl.sum(w[:, None] * part, axis=0)
         den += tl.sum(w, axis=0)
     out = acc / tl.where(den > 0, den, 1.0)
@@ -167,7 +168,8 @@ def sparse_attention(
 def merge_constexprs(num_parts: int, head_dim: int) -> dict:
     """The merge kernel's compile-time arguments for ``num_parts`` partials per head."""
     npp = triton.next_power_of_2(num_parts)
-    return dict(D=head_dim, NPP=npp, BLOCK_P=min(32, npp))
+    # few, wide iterations: a [BLOCK_P, D] fp32 tile of 8K elements (64 registers a thread at 4 warps)
+    return dict(D=head_dim, NPP=npp, BLOCK_P=min(8192 // head_dim, npp))
 
 
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, num_parts: int) -> None:

@@ -11,6 +11,7 @@ from conftest import DEVICE
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, rabitq_decode_layer
 from sglang_rabitq.kernels.score import ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.reference.decode import dense_region_lse
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
@@ -134,7 +135,7 @@ def _ref_logits(batch, b, h_kv, group, q_u, delta, qmin, sink, window, sm_scale)
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (3, 1, 64)])
 @pytest.mark.parametrize("top_p", [0.8, 0.95])
-@pytest.mark.parametrize("nc", [3, 40])  # 40: more chunks than the threshold merges per load, many empty
+@pytest.mark.parametrize("nc", [3, 130])  # 130: more chunks than the threshold merges per load, many empty
 def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
     lens = [3000, 900, 200] if ON_GPU else [700, 300, 90]
     batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
@@ -183,6 +184,26 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
             for g in range(group):
                 same_set = torch.equal(logits[g] >= got_thr[g] - 1e-6, logits[g] >= ref_thr[g])
                 assert same_set or abs(float(got_thr[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got_thr[g]), float(ref_thr[g]))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("num_parts", [5, 300])  # 300: more partials than the merge reads per load
+def test_merge_is_the_log_sum_exp_mean_of_the_partials(d, num_parts, fresh_seed):
+    assert num_parts < 100 or num_parts > merge_constexprs(num_parts, d)["BLOCK_P"]
+    g = torch.Generator().manual_seed(fresh_seed)
+    bsz, hq = 2, 3
+    part = torch.randn(bsz * hq * num_parts, d, generator=g)
+    lse = torch.randn(bsz * hq * num_parts, generator=g) * 4
+    empty = torch.rand(lse.shape, generator=g) < 0.3  # an empty partial: zeros, log-mass -inf
+    part[empty], lse[empty] = 0.0, float("-inf")
+    lse.view(bsz, hq, num_parts)[1, 2] = float("-inf")  # a head with nothing to attend
+    part.view(bsz, hq, num_parts, d)[1, 2] = 0.0
+    out = torch.full((bsz, hq, d), float("nan"), dtype=torch.bfloat16, device=DEVICE)  # poisoned
+    merge_partials(part.to(DEVICE), lse.to(DEVICE), out, num_parts)
+    w = torch.softmax(lse.view(bsz, hq, num_parts, 1).double(), dim=2).nan_to_num(0.0)
+    ref = (w * part.view(bsz, hq, num_parts, d).double()).sum(2)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-2, atol=1e-2)
+    assert (out[1, 2] == 0).all()
 
 
 def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept, scope="context"):
