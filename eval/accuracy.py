@@ -4,7 +4,9 @@
     python eval/accuracy.py --model /tmp/models/smollm2 --quick          # 2 servers, 4K, 3 samples per task
 
 One server start per configuration (dense, then rabitq at each --top-p), greedy decoding through the OpenAI
-client. Per (task, context, backend, top_p): score 0-100 and the decode budget (attended / context tokens from
+client; ``--parallel N`` keeps N of them running at once (each on its own port, each started once the one
+before it is up, since SGLang sizes its KV pool from the memory free at startup: give them
+``--mem-fraction-static`` that fit together). Per (task, context, backend, top_p): score 0-100 and the decode budget (attended / context tokens from
 the rabitq Prometheus counters over that group). Writes eval/results/accuracy.json after every server.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,9 +35,18 @@ def model_max_context(model: str) -> int | None:
     return cfg.get("max_position_embeddings")
 
 
-def run_config(args, samples, kind, top_p, index) -> tuple[list, list, dict]:
+def run_config(args, samples, kind, top_p, index, up: threading.Event | None = None) -> tuple[list, list, dict]:
+    """Scores of one configuration; ``up`` is set once its server has sized its KV pool (or failed)."""
     rows, outputs = [], []
-    with S.server_for(args, kind, index, top_p) as srv:
+    try:
+        srv = S.server_for(args, kind, index, top_p)
+        srv.launch()
+        srv.wait_for_log()
+    finally:
+        if up is not None:
+            up.set()
+    try:
+        srv.wait_ready()
         client = srv.openai()
         S.warmup_chat(client, args.warmup_prompts)
         start = before = srv.snapshot()
@@ -57,6 +70,8 @@ def run_config(args, samples, kind, top_p, index) -> tuple[list, list, dict]:
                          "prompt_tokens": _mean([r.get("prompt_tokens") for r in res])})
         total = S.metrics_delta(start, before)
         total["startup_s"] = srv.startup_s
+    finally:
+        srv.stop()
     return rows, outputs, total
 
 
@@ -89,6 +104,7 @@ def main(argv=None):
     ap.add_argument("--top-p", type=S.csv_list(float), default=[0.8, 0.9, 0.95, 0.98])
     ap.add_argument("--backends", type=S.csv_list(), default=["dense", "rabitq"])
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--parallel", type=int, default=1, help="configurations (servers) running at once")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     S.apply_quick(ap, args, {"contexts": [4096], "samples": 3, "top_p": [0.9]})
@@ -112,18 +128,26 @@ def main(argv=None):
               ([("rabitq", p) for p in args.top_p] if "rabitq" in args.backends else [])
     result = {**S.env_info(args.model), "config": {k: v for k, v in vars(args).items() if k != "warmup_prompts"},
               "rows": [], "runs": [], "outputs": []}
-    for i, (kind, p) in enumerate(configs):
+    lock = threading.Lock()
+
+    def run(i, kind, p, up):
         try:
-            rows, outputs, total = run_config(args, samples, kind, p, i)
+            rows, outputs, total = run_config(args, samples, kind, p, i, up)
         except Exception as e:  # noqa: BLE001 - keep the other configurations
             print(f"[accuracy] {kind} p={p} failed: {e}", flush=True)
-            result["runs"].append({"backend": kind, "top_p": p, "error": str(e)})
-            continue
-        result["rows"] += rows
-        result["outputs"] += outputs
-        result["runs"].append({"backend": kind, "top_p": p, **total})
-        S.write_json(args.out, result)
-        print_table(result["rows"])
+            rows, outputs, total = [], [], {"error": str(e)}
+        with lock:
+            result["rows"] += rows
+            result["outputs"] += outputs
+            result["runs"].append({"backend": kind, "top_p": p, **total})
+            S.write_json(args.out, result)
+            print_table(result["rows"])
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        for i, (kind, p) in enumerate(configs):
+            up = threading.Event()
+            pool.submit(run, i, kind, p, up)
+            up.wait()  # the next server starts once this one has sized its KV pool (or a slot is free)
     S.write_json(args.out, result)
     return result
 

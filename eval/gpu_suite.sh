@@ -7,11 +7,12 @@
 #   kernels   kernel tests at GPU shapes (fresh seeds), then the recorded seed that has failed there
 #   e2e       eval/e2e_smoke.py: OpenAI API, top-p 1 == dense, repeatability, CUDA graph on/off, multi-turn
 #   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts)
-#   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P, ACC_SAMPLES per task
+#   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P, ACC_SAMPLES per task, ACC_PARALLEL servers at once
 #   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
 #   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
 #   ab        eval/ab_step.py: one layer's decode step, this tree's kernels vs the tree at AB_BASE
-#             (e.g. `git archive HEAD~1 sglang_rabitq kernels | tar -x -C ab-base` before the call)
+#             (e.g. `git archive HEAD~1 sglang_rabitq kernels | tar -x -C ab-base` before the call),
+#             with AB_ARGS (shapes, contexts, batches; ab_step.py's defaults if unset)
 #   summary   eval/summary.py over what the steps above wrote
 # Steps joined by a comma (e2e,accuracy) run at the same time: for steps that time nothing. Each one
 # starts once every server already started has sized its KV pool (SGLang sizes it from the free
@@ -29,6 +30,7 @@ SPEED_BATCHES=${SPEED_BATCHES:-16}
 ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
 ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
 ACC_SAMPLES=${ACC_SAMPLES:-5}
+ACC_PARALLEL=${ACC_PARALLEL:-1}
 PREFIX_ARGS=${PREFIX_ARGS:---docs 2 --doc-tokens 16000 --users 16 --concurrency 4,16 --chats 4 --turns 3}
 MEM_FRACTION=${MEM_FRACTION:-0.8}  # --mem-fraction-static of the speed, accuracy and prefix servers
 RABITQ_ARGS=${RABITQ_ARGS:-}  # extra flags for every rabitq server, e.g. "--rabitq-center none"
@@ -50,13 +52,14 @@ run_step() {
     speed) python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
         --out "$OUT/speed.json" --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
-        --samples "$ACC_SAMPLES" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
+        --samples "$ACC_SAMPLES" --parallel "$ACC_PARALLEL" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
         --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
     prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \
         --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     ab) [ -n "${AB_BASE:-}" ] || { echo "set AB_BASE to the tree to compare against"; return 2; }
-        python3 eval/ab_step.py --base "$AB_BASE" --out "$OUT/ab_step.json" ;;
+        # shellcheck disable=SC2086  # AB_ARGS is a list of arguments
+        python3 eval/ab_step.py --base "$AB_BASE" ${AB_ARGS:-} --out "$OUT/ab_step.json" ;;
     profile) python3 eval/profile_decode.py --dummy llama8b --context 8192 --batch 1 --out "$OUT/profile.json" \
         --log-dir "$OUT/logs" ;;
     summary) python3 eval/summary.py --accuracy "$OUT/accuracy.json" --speed "$OUT/speed.json" \

@@ -287,11 +287,12 @@ if __name__ != "__main__":
             dead.wait_for_log("never printed")
         assert dead.proc is None  # stopped on the way out
 
-    def test_accuracy_driver(fake, tmp_path):
+    @pytest.mark.parametrize("parallel", [1, 2])
+    def test_accuracy_driver(fake, tmp_path, parallel):
         out = tmp_path / "accuracy.json"
         res = accuracy.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "1024",
                              "--samples", "2", "--top-p", "0.8,0.95", "--tasks", "niah_single,niah_multivalue,qa",
-                             "--metrics-settle", "0.3"])
+                             "--metrics-settle", "0.3", "--parallel", str(parallel)])
         data = json.loads(out.read_text())
         assert data["command"] and data["sglang"] is not None and data["gpu"]
         rows = {(r["task"], r["backend"], r["top_p"]): r for r in data["rows"]}
