@@ -5,9 +5,10 @@
 
 One server start per configuration (dense, then rabitq at each --top-p), greedy decoding through the OpenAI
 client; ``--parallel N`` keeps N of them running at once (each on its own port, each started once the one
-before it is up, since SGLang sizes its KV pool from the memory free at startup: give them
-``--mem-fraction-static`` that fit together). Per (task, context, backend, top_p): score 0-100 and the decode budget (attended / context tokens from
-the rabitq Prometheus counters over that group). Writes eval/results/accuracy.json after every server.
+before it has sized its KV pool, which SGLang sizes from the memory free at startup: give them
+``--mem-fraction-static`` that fit together). Per (task, context, backend, top_p): score 0-100 and the
+decode budget (attended / context tokens from the rabitq Prometheus counters over that group). Writes
+eval/results/accuracy.json after every server.
 """
 
 from __future__ import annotations
