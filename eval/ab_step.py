@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from eval import server as S  # noqa: E402
 
 
 def use_tree(tree: Path) -> str:
@@ -54,14 +56,12 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def configs(args) -> list[dict]:
     return [dict(shape=shape, context=ctx, batch=bs, target_budget=budget)
-            for shape in args.shapes.split(",") for ctx in map(int, args.contexts.split(","))
-            for bs in map(int, args.batches.split(",")) for budget in map(float, args.budgets.split(","))]
+            for shape in args.shapes for ctx in args.contexts for bs in args.batches for budget in args.budgets]
 
 
 def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
     """Run (and on a GPU time) every config with ``tree``'s kernels; save rows and outputs to ``out``."""
     kernels_dir = use_tree(tree)
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from eval.decode_step import Setup, graph_time
@@ -124,10 +124,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, help="source tree to compare against (needs sglang_rabitq/ and kernels/)")
     ap.add_argument("--head", type=Path, default=ROOT)
-    ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
-    ap.add_argument("--contexts", default="16384")
-    ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--budgets", default="0.3")
+    ap.add_argument("--shapes", type=S.csv_list(), default=["qwen2.5-0.5b", "qwen2.5-1.5b"])
+    ap.add_argument("--contexts", type=S.csv_list(int), default=[16384])
+    ap.add_argument("--batches", type=S.csv_list(int), default=[1, 4, 16])
+    ap.add_argument("--budgets", type=S.csv_list(float), default=[0.3])
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--out", type=Path, default=ROOT / "eval/results/ab_step.json")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -141,9 +141,6 @@ def main(argv=None):
     for tree in (args.base, args.head):
         if not ((tree / "sglang_rabitq").is_dir() and (tree / "kernels").is_dir()):
             ap.error(f"{tree} has no sglang_rabitq/ and kernels/")
-    sys.path.insert(0, str(ROOT))
-    from eval.server import env_info, write_json
-
     cfgs = configs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = {}
@@ -151,9 +148,9 @@ def main(argv=None):
         scratch = args.out.with_suffix(f".{side}.pt")
         runs[side] = run_tree(tree, cfgs, args.top_p, scratch)
         scratch.unlink()
-    result = {**env_info(), "base": runs["base"]["kernels"], "head": runs["head"]["kernels"], "top_p": args.top_p,
+    result = {**S.env_info(), "base": runs["base"]["kernels"], "head": runs["head"]["kernels"], "top_p": args.top_p,
               "rows": compare(runs["base"], runs["head"])}
-    write_json(args.out, result)
+    S.write_json(args.out, result)
     table = markdown(result)
     args.out.with_suffix(".md").write_text(table)
     print(table)

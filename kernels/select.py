@@ -36,7 +36,7 @@ def _threshold_kernel(
         c = c0 + offs_cb
         shift = top - tl.load(ctop_ptr + base + c, mask=c < NC, other=NO_BIN)  # huge for an empty chunk
         src = offs_j[None, :] - shift[:, None]
-        take = tl.where(any_live, src, -1) >= 0
+        take = tl.where(any_live, src, -1) >= 0  # (a scalar & a block: the interpreter refuses it)
         count += tl.sum(tl.load(ccount_ptr + (base + c)[:, None] * NB + src, mask=take, other=0), axis=0)
     # a bin's mass: its count at the bin's middle logit (relative to exp(m))
     mass = count.to(tl.float32) * tl.exp((top - offs_j).to(tl.float32) * BIN_W + 0.5 * BIN_W - m0)
