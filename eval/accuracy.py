@@ -1,14 +1,16 @@
 """Long-context accuracy: RULER-style tasks, dense backend vs rabitq at several top-p, same model and GPU.
 
     python eval/accuracy.py --model /tmp/models/qwen05 --contexts 4096,8192,16384 --samples 10
+    python eval/accuracy.py --model /tmp/models/qwen15 --contexts 32768 --top-p 0.8,0.9 --score-temperature 0.8,1
     python eval/accuracy.py --model /tmp/models/smollm2 --quick          # 2 servers, 4K, 3 samples per task
 
-One server start per configuration (dense, then rabitq at each --top-p), greedy decoding through the OpenAI
+One server start per configuration (dense, then rabitq at each --top-p x --score-temperature; without
+--score-temperature the server's default), greedy decoding through the OpenAI
 client; ``--parallel N`` keeps N of them running at once (each on its own port, each started once the one
 before it has sized its KV pool, which SGLang sizes from the memory free at startup: give them
 ``--mem-fraction-static`` that fit together). Per (task, context, backend, top_p): score 0-100 and the
 decode budget (attended / context tokens from the rabitq Prometheus counters over that group). Writes
-eval/results/accuracy.json after every server.
+eval/results/accuracy.json after every server (``eval/operating_point.py`` picks from it).
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def model_max_context(model: str) -> int | None:
     return cfg.get("max_position_embeddings")
 
 
-def run_config(args, samples, kind, top_p, index, up: threading.Event | None = None) -> tuple[list, list, dict]:
-    """Scores of one configuration; ``up`` is set once its server has sized its KV pool (or failed)."""
+def run_config(args, samples, kind, top_p, temp, index, up: threading.Event | None = None) -> tuple[list, list, dict]:
+    """Scores of one configuration (``temp``: score temperature, None for the server's default); ``up``
+    is set once its server has sized its KV pool (or failed)."""
     rows, outputs = [], []
     try:
-        srv = S.server_for(args, kind, index, top_p)
+        extra = ["--rabitq-score-temperature", str(temp)] if temp is not None else []
+        srv = S.server_for(args, kind, index, top_p, extra=extra)
         srv.launch()
         srv.wait_for_log()
     finally:
@@ -54,7 +58,7 @@ def run_config(args, samples, kind, top_p, index, up: threading.Event | None = N
         groups = {}
         for s in samples:
             groups.setdefault((s.task, s.context), []).append(s)
-        for (task, ctx), group in S.progress(list(groups.items()), desc=f"{kind} p={top_p}"):
+        for (task, ctx), group in S.progress(list(groups.items()), desc=config_name(kind, top_p, temp)):
             res = S.run_concurrent(lambda s: S.chat_once(client, s.messages, s.max_tokens), group, args.concurrency)
             after = srv.snapshot()
             delta, before = S.metrics_delta(before, after), after
@@ -63,9 +67,9 @@ def run_config(args, samples, kind, top_p, index, up: threading.Event | None = N
                 sc = T.score(s, r.get("text", "")) if "error" not in r else 0.0
                 scores.append(sc)
                 outputs.append({"task": task, "context": ctx, "index": s.index, "backend": kind, "top_p": top_p,
-                                "answers": s.answers, "output": r.get("text"), "error": r.get("error"),
+                                "score_temperature": temp, "answers": s.answers, "output": r.get("text"), "error": r.get("error"),
                                 "prompt_tokens": r.get("prompt_tokens"), "score": sc})
-            rows.append({"task": task, "context": ctx, "backend": kind, "top_p": top_p,
+            rows.append({"task": task, "context": ctx, "backend": kind, "top_p": top_p, "score_temperature": temp,
                          "score": sum(scores) / len(scores), "budget": delta["budget"] if kind == "rabitq" else None,
                          "n": len(group), "errors": sum("error" in r for r in res),
                          "prompt_tokens": _mean([r.get("prompt_tokens") for r in res])})
@@ -81,15 +85,30 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def config_name(kind, top_p, temp) -> str:
+    if kind == "dense":
+        return "dense"
+    return f"p={top_p}" + (f" t={temp}" if temp is not None else "")
+
+
+def config_key(r: dict) -> tuple:
+    """A result row's configuration: (backend, top_p, score_temperature)."""
+    return r["backend"], r["top_p"], r.get("score_temperature")
+
+
+def _sort_key(c: tuple):
+    return c[0] != "dense", c[1] or 0, c[2] or 0
+
+
 def print_table(rows) -> None:
-    cols = sorted({(r["backend"], r["top_p"]) for r in rows}, key=lambda c: (c[0] != "dense", c[1] or 0))
-    head = ["task", "ctx"] + [("dense" if b == "dense" else f"p={p}") for b, p in cols]
+    cols = sorted({config_key(r) for r in rows}, key=_sort_key)
+    head = ["task", "ctx"] + [config_name(*c) for c in cols]
     print("\n" + " | ".join(f"{h:>17}" for h in head))
     keys = sorted({(r["task"], r["context"]) for r in rows}, key=lambda k: (k[1], k[0]))
     for task, ctx in keys:
         cells = []
-        for b, p in cols:
-            r = next((r for r in rows if (r["task"], r["context"], r["backend"], r["top_p"]) == (task, ctx, b, p)), None)
+        for c in cols:
+            r = next((r for r in rows if (r["task"], r["context"]) == (task, ctx) and config_key(r) == c), None)
             budget = f" ({100 * r['budget']:.0f}%)" if r and r["budget"] is not None else ""
             cells.append(f"{r['score']:.1f}{budget}" if r else "-")
         print(" | ".join(f"{c:>17}" for c in [task, str(ctx)] + cells))
@@ -103,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--contexts", type=S.csv_list(int), default=[4096, 8192])
     ap.add_argument("--samples", type=int, default=10, help="samples per task and context")
     ap.add_argument("--top-p", type=S.csv_list(float), default=[0.8, 0.9, 0.95, 0.98])
+    ap.add_argument("--score-temperature", type=S.csv_list(float), default=[],
+                    help="rabitq score temperatures, each run at every --top-p (default: the server's)")
     ap.add_argument("--backends", type=S.csv_list(), default=["dense", "rabitq"])
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--parallel", type=int, default=1, help="configurations (servers) running at once")
@@ -125,29 +146,30 @@ def main(argv=None):
     if args.context_length is None and max_ctx:
         args.context_length = min(max_ctx, max(args.contexts) + RESERVE)
 
-    configs = ([("dense", None)] if "dense" in args.backends else []) + \
-              ([("rabitq", p) for p in args.top_p] if "rabitq" in args.backends else [])
+    temps = args.score_temperature or [None]
+    configs = ([("dense", None, None)] if "dense" in args.backends else []) + \
+              ([("rabitq", p, t) for t in temps for p in args.top_p] if "rabitq" in args.backends else [])
     result = {**S.env_info(args.model), "config": {k: v for k, v in vars(args).items() if k != "warmup_prompts"},
               "rows": [], "runs": [], "outputs": []}
     lock = threading.Lock()
 
-    def run(i, kind, p, up):
+    def run(i, kind, p, t, up):
         try:
-            rows, outputs, total = run_config(args, samples, kind, p, i, up)
+            rows, outputs, total = run_config(args, samples, kind, p, t, i, up)
         except Exception as e:  # noqa: BLE001 - keep the other configurations
-            print(f"[accuracy] {kind} p={p} failed: {e}", flush=True)
+            print(f"[accuracy] {config_name(kind, p, t)} failed: {e}", flush=True)
             rows, outputs, total = [], [], {"error": str(e)}
         with lock:
             result["rows"] += rows
             result["outputs"] += outputs
-            result["runs"].append({"backend": kind, "top_p": p, **total})
+            result["runs"].append({"backend": kind, "top_p": p, "score_temperature": t, **total})
             S.write_json(args.out, result)
             print_table(result["rows"])
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        for i, (kind, p) in enumerate(configs):
+        for i, (kind, p, t) in enumerate(configs):
             up = threading.Event()
-            pool.submit(run, i, kind, p, up)
+            pool.submit(run, i, kind, p, t, up)
             up.wait()  # the next server starts once this one has sized its KV pool (or a slot is free)
     S.write_json(args.out, result)
     return result

@@ -27,6 +27,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.decode_step import SHAPES, Setup, bench, graph_time  # noqa: E402
+from eval.server import csv_list  # noqa: E402
 from sglang_rabitq.kernels import prepare_query  # noqa: E402
 from sglang_rabitq.kernels.decode import BLOCK_N  # noqa: E402
 from sglang_rabitq.kernels.score import score_chunks  # noqa: E402
@@ -106,7 +107,7 @@ def _meta(bw):
 
 def breakdown(args, bw):
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
         for ctx in (32768, 131072):
             for bs in (1, 32):
@@ -125,10 +126,10 @@ def breakdown(args, bw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--contexts", default="8192,32768,131072")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--budgets", default="0.05,0.10,0.20")
-    ap.add_argument("--shapes", default="llama3.1-8b,qwen2.5-0.5b", help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--contexts", type=csv_list(int), default=[8192, 32768, 131072])
+    ap.add_argument("--batches", type=csv_list(int), default=[1, 8, 32])
+    ap.add_argument("--budgets", type=csv_list(float), default=[0.05, 0.10, 0.20])
+    ap.add_argument("--shapes", type=csv_list(), default=["llama3.1-8b", "qwen2.5-0.5b"], help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--breakdown", action="store_true", help="time each launch of the step (see above)")
     ap.add_argument("--out", default="eval/results/kernels.json")
@@ -151,10 +152,10 @@ def main():
         print("wrote", args.out)
         return
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
-        for ctx in map(int, args.contexts.split(",")):
-            for bs in map(int, args.batches.split(",")):
+        for ctx in args.contexts:
+            for bs in args.batches:
                 s = Setup(hq, hkv, d, ctx, bs)
                 s.plant(0.0)
                 dense = {}
@@ -165,7 +166,7 @@ def main():
                         print(f"{name} failed: {e!r}", flush=True)
                 dense_us = min(dense.values())
                 dense_bytes = bs * ctx * hkv * 2 * d * 2
-                for budget in map(float, args.budgets.split(",")):
+                for budget in args.budgets:
                     s.plant(budget)
                     fn = s.ours(args.top_p)
                     t = bench(fn)

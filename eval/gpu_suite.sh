@@ -6,8 +6,11 @@
 # STEP (default: all, in this order): kernels e2e speed accuracy prefix profile summary
 #   kernels   kernel tests at GPU shapes (fresh seeds), then the recorded seed that has failed there
 #   e2e       eval/e2e_smoke.py: OpenAI API, top-p 1 == dense, repeatability, CUDA graph on/off, multi-turn
-#   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts)
-#   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P, ACC_SAMPLES per task, ACC_PARALLEL servers at once
+#   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts), top-p SPEED_TOP_P; with
+#             SPEED_AT=accuracy at the accuracy step's cheapest configuration within 1 point of dense at
+#             SPEED_PICK_CONTEXT (eval/operating_point.py; run the accuracy step first)
+#   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P x ACC_TEMPERATURE (score temperatures; unset: the
+#             server's default), ACC_SAMPLES per task, ACC_PARALLEL servers at once
 #   prefix    eval/prefix_sharing.py (the main workload) with PREFIX_ARGS
 #   profile   eval/profile_decode.py on the Llama-3.1-8B shape with random weights (needs no model)
 #   ab        eval/ab_step.py: one layer's decode step, this tree's kernels vs the tree at AB_BASE
@@ -27,8 +30,11 @@ shift 2
 STEPS=${*:-kernels e2e speed accuracy prefix profile summary}
 SPEED_CONTEXTS=${SPEED_CONTEXTS:-8192,32768}
 SPEED_BATCHES=${SPEED_BATCHES:-16}
+SPEED_TOP_P=${SPEED_TOP_P:-0.9}
+SPEED_PICK_CONTEXT=${SPEED_PICK_CONTEXT:-32768}
 ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
 ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
+ACC_TEMPERATURE=${ACC_TEMPERATURE:-}
 ACC_SAMPLES=${ACC_SAMPLES:-5}
 ACC_PARALLEL=${ACC_PARALLEL:-1}
 PREFIX_ARGS=${PREFIX_ARGS:---docs 2 --doc-tokens 16000 --users 16 --concurrency 4,16 --chats 4 --turns 3}
@@ -49,10 +55,19 @@ run_step() {
         RABITQ_TEST_SEED=$FAILING_SEED python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k decode_layer
         return $rc ;;
     e2e) python3 eval/e2e_smoke.py --model "$MODEL" --out "$OUT/e2e_smoke.json" --rabitq-args="$RABITQ_ARGS" ;;
-    speed) python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
-        --out "$OUT/speed.json" --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
+    speed)
+        local top_p=$SPEED_TOP_P temp=- args=$RABITQ_ARGS
+        if [ "${SPEED_AT:-}" = accuracy ]; then  # the accuracy step's cheapest configuration within 1 point
+            read -r top_p temp < <(python3 eval/operating_point.py "$OUT/accuracy.json" --context "$SPEED_PICK_CONTEXT") \
+                || { echo "no operating point in $OUT/accuracy.json"; return 2; }
+            echo "speed at the accuracy run's operating point: top-p $top_p, score temperature $temp"
+        fi
+        [ "$temp" = - ] || args="$args --rabitq-score-temperature $temp"
+        python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
+            --top-p "$top_p" --out "$OUT/speed.json" --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" \
+            --rabitq-args="$args" ;;
     accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
-        --samples "$ACC_SAMPLES" --parallel "$ACC_PARALLEL" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
+        --score-temperature "$ACC_TEMPERATURE" --samples "$ACC_SAMPLES" --parallel "$ACC_PARALLEL" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
         --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;
     # shellcheck disable=SC2086  # PREFIX_ARGS is a list of arguments
     prefix) python3 eval/prefix_sharing.py --model "$MODEL" $PREFIX_ARGS --out "$OUT/prefix_sharing.json" \

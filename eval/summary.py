@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.server import RESULTS, write_json  # noqa: E402
+from sglang_rabitq.config import RaBitQConfig  # noqa: E402
 
 PREFIX_KEYS = ("agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms")
 
@@ -40,13 +41,44 @@ def speed_model(result: dict, row: dict) -> str:
     return f"{row['model']} ({result['prompts']} prompts)" if result.get("prompts") else str(row["model"])
 
 
+def accuracy_rows(accuracy: list[dict]) -> list[dict]:
+    """The accuracy rows of all files; where two files scored the same (task, context, configuration),
+    the one over more samples (on a tie the later file) stands: the drivers' samples are seeded per
+    index, so the larger run holds the smaller one's samples."""
+    kept: dict = {}
+    for d in accuracy:
+        for r in d.get("rows", []):
+            ours = r["backend"] == "rabitq"
+            row = {"task": str(r["task"]), "context": int(r["context"]), "backend": r["backend"],
+                   "top_p": _f(r.get("top_p")) if ours else None,
+                   "score_temperature": _f(r.get("score_temperature")) if ours else None,
+                   "score": float(r["score"]), "budget": _f(r.get("budget"))}
+            key = (row["task"], row["context"], row["backend"], row["top_p"], row["score_temperature"])
+            n = r.get("n") or 0
+            if key not in kept or n >= kept[key][0]:
+                kept[key] = (n, row)
+    return [row for _, row in kept.values()]
+
+
+def accuracy_config(r: dict) -> tuple:
+    return r["backend"], r["top_p"], r.get("score_temperature")
+
+
+def config_label(c: tuple) -> str:
+    backend, top_p, temp = c
+    if backend == "dense":
+        return "dense"
+    return f"rabitq p={top_p}" + (f" t={temp}" if temp is not None else "")
+
+
+def _config_order(c: tuple):
+    return c[0] != "dense", c[2] or 0, c[1] or 0
+
+
 def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) -> dict:
     """The summary schema from loaded result files (each a dict as written by the drivers)."""
     sources = [d for d in [*accuracy, prefix or {}, *speed] if d]
-    acc = [{"task": str(r["task"]), "context": int(r["context"]), "backend": r["backend"],
-            "top_p": _f(r.get("top_p")) if r["backend"] == "rabitq" else None,
-            "score": float(r["score"]), "budget": _f(r.get("budget"))}
-           for d in accuracy for r in d.get("rows", [])]
+    acc = accuracy_rows(accuracy)
     spd = [{"model": speed_model(d, r), "context": int(r["context"]), "batch": int(r["batch"]),
             "dense_tok_s": float(r["dense_tok_s"]), "rabitq_tok_s": float(r["rabitq_tok_s"]),
             "speedup": float(r["speedup"]), "budget": _f(r.get("budget"))}
@@ -72,16 +104,16 @@ def _fmt(v, spec="{:.2f}"):
 def accuracy_table(acc: list[dict]) -> list[str]:
     if not acc:
         return ["(no accuracy results)"]
-    cols = sorted({(r["backend"], r["top_p"]) for r in acc}, key=lambda c: (c[0] != "dense", c[1] or 0))
-    names = ["dense" if b == "dense" else f"rabitq p={p}" for b, p in cols]
+    cols = sorted({accuracy_config(r) for r in acc}, key=_config_order)
+    names = [config_label(c) for c in cols]
     lines = ["| task | context | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]
     keys = sorted({(r["task"], r["context"]) for r in acc}, key=lambda k: (k[1], k[0]))
     contexts = sorted({k[1] for k in keys})
     for ctx in contexts:
         for task in [t for t, c in keys if c == ctx] + ["**average**"]:
             cells = []
-            for b, p in cols:
-                rs = [r for r in acc if r["context"] == ctx and r["backend"] == b and r["top_p"] == p
+            for c in cols:
+                rs = [r for r in acc if r["context"] == ctx and accuracy_config(r) == c
                       and (task == "**average**" or r["task"] == task)]
                 if not rs:
                     cells.append("-")
@@ -91,7 +123,8 @@ def accuracy_table(acc: list[dict]) -> list[str]:
                 cells.append(f"{s:.1f}" + (f" ({100 * sum(bud) / len(bud):.0f}%)" if bud else ""))
             lines.append(f"| {task} | {ctx} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens).")
+    lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens). t: the score "
+                 f"temperature, where a run set it (else the server's default, {RaBitQConfig.score_temperature}).")
     return lines
 
 
@@ -155,7 +188,7 @@ def plot(summary: dict, raw_speed: dict, out_dir: Path) -> list[Path]:
                 for r in rs:
                     x = 1.0 if r["backend"] == "dense" else r["budget"]
                     if x is not None:
-                        pts.setdefault((r["backend"], r["top_p"]), []).append((x, r["score"]))
+                        pts.setdefault(accuracy_config(r), []).append((x, r["score"]))
                 xy = sorted((sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for v in pts.values())
                 if xy:
                     ax.plot(*zip(*xy), marker="o", lw=2.5 if task == "average" else 1,

@@ -34,6 +34,7 @@ class Fake:
     prompts: list[str] = []
     backend = "flashinfer"
     top_p = None
+    temperature = None
 
 
 def fake_answer(prompt: str, last: str) -> str:
@@ -66,7 +67,8 @@ def account(prompt: str, n_out: int) -> tuple[int, int]:
         Fake.counters["cached"] += ct
         if Fake.backend == "rabitq":
             Fake.counters["context"] += n_out * pt
-            Fake.counters["attended"] += n_out * pt * (1 - (Fake.top_p or 0.9)) * 2
+            # a budget of 2 (1 - p), times the score temperature (below 1 widens the real selection)
+            Fake.counters["attended"] += n_out * pt * (1 - (Fake.top_p or 0.9)) * 2 * (Fake.temperature or 1.0)
             Fake.counters["reused"] += ct
             Fake.counters["encoded"] += pt - ct
     return pt, ct
@@ -211,8 +213,9 @@ def serve():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--attention-backend")
     ap.add_argument("--rabitq-top-p", type=float)
+    ap.add_argument("--rabitq-score-temperature", type=float)
     args, _ = ap.parse_known_args()
-    Fake.backend, Fake.top_p = args.attention_backend, args.rabitq_top_p
+    Fake.backend, Fake.top_p, Fake.temperature = args.attention_backend, args.rabitq_top_p, args.rabitq_score_temperature
     print("fake sglang", sys.argv, flush=True)
     print("fake triton cache", os.environ.get("TRITON_CACHE_DIR"), flush=True)
     print("max_total_num_tokens=50000", flush=True)  # what SGLang logs once its KV pool is sized
@@ -303,6 +306,23 @@ if __name__ != "__main__":
         assert rows[("qa", "rabitq", 0.95)]["budget"] == pytest.approx(0.1)
         assert len(res["runs"]) == 3 and all("error" not in r for r in res["runs"])
 
+    def test_accuracy_driver_runs_every_top_p_at_every_temperature_then_picks_the_cheapest(fake, tmp_path):
+        from eval import operating_point
+
+        out = tmp_path / "accuracy.json"
+        accuracy.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "1024",
+                       "--samples", "2", "--top-p", "0.8,0.9", "--score-temperature", "0.5,1",
+                       "--tasks", "niah_single", "--metrics-settle", "0.3", "--parallel", "2"])
+        rows = {(r["backend"], r["top_p"], r["score_temperature"]): r for r in json.loads(out.read_text())["rows"]}
+        assert sorted(rows, key=str) == sorted([("dense", None, None), ("rabitq", 0.8, 0.5), ("rabitq", 0.9, 0.5),
+                                                ("rabitq", 0.8, 1.0), ("rabitq", 0.9, 1.0)], key=str)
+        assert rows[("rabitq", 0.8, 0.5)]["budget"] == pytest.approx(0.2)  # the fake's 2 (1 - p) t
+        assert rows[("rabitq", 0.9, 1.0)]["budget"] == pytest.approx(0.2)
+        assert rows[("rabitq", 0.9, 0.5)]["budget"] == pytest.approx(0.1)
+        # the fake answers a prompt wrong on rabitq by its hash, the same one at every configuration
+        drop = rows[("dense", None, None)]["score"] - rows[("rabitq", 0.9, 0.5)]["score"]
+        assert operating_point.main([str(out), "--context", "1024", "--max-drop", str(drop)]) == (0.9, 0.5)
+
     def test_prefix_sharing_driver(fake, tmp_path):
         out = tmp_path / "prefix_sharing.json"
         res = prefix_sharing.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--docs", "2",
@@ -386,6 +406,20 @@ if __name__ != "__main__":
         s = summary.main(["--accuracy", str(tmp_path / "none.json"), "--speed", str(out),
                           "--prefix", str(tmp_path / "none.json"), "--out-dir", str(tmp_path)])
         assert len(s["speed"]) == 6 and s["accuracy"] == []
+
+    def test_gpu_suite_runs_the_speed_benchmark_at_the_accuracy_runs_operating_point(fake, tmp_path):
+        import subprocess
+
+        out = tmp_path / "suite"
+        env = {**os.environ, "ACC_CONTEXTS": "1024", "ACC_SAMPLES": "1", "ACC_TOP_P": "0.8,0.9", "ACC_TEMPERATURE": "0.5",
+               "SPEED_AT": "accuracy", "SPEED_PICK_CONTEXT": "1024", "SPEED_CONTEXTS": "2048", "SPEED_BATCHES": "1"}
+        subprocess.run(["bash", str(ROOT / "eval" / "gpu_suite.sh"), str(fake), str(out), "accuracy", "speed"],
+                       check=True, capture_output=True, timeout=600, env=env)
+        assert (out / "progress").read_text().count("rc=0") == 2
+        speed = json.loads((out / "speed.json").read_text())
+        # every rabitq configuration of the fake misses the same answers: the cheapest, p 0.9 at t 0.5, is run
+        assert speed["config"]["top_p"] == 0.9 and "--rabitq-score-temperature 0.5" in speed["config"]["rabitq_args"]
+        assert all(r["budget"] == pytest.approx(0.1) for r in speed["rows"])  # the fake's 2 (1 - p) t
 
     def test_quick_keeps_explicit_values():
         import argparse

@@ -28,7 +28,7 @@ PREFIX = {**META, "summary": {"agreement": 0.8, "codes_reused": 1200.0, "codes_e
                               "dense_tpot_ms": 5.0, "rabitq_tpot_ms": 4}, "table": [["TPOT ms (all)", 5.0, 4.0]]}
 
 SCHEMA_TOP = {"gpu", "sglang", "model", "date", "accuracy", "speed", "prefix_sharing"}
-ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget"}
+ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget", "score_temperature"}  # the issue's + t
 SPEED_KEYS = {"model", "context", "batch", "dense_tok_s", "rabitq_tok_s", "speedup", "budget"}
 PREFIX_KEYS = {"agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms"}
 
@@ -73,6 +73,23 @@ def test_summary_of_several_gpus_names_them_all():
     raw = {(r["model"], r["context"], r["batch"]): {**r, "gpu": d["gpu"]} for d in (SPEED, h200) for r in d["rows"]}
     table = "\n".join(SM.speed_table(s["speed"], raw))
     assert "| NVIDIA H200 | qwen15 | 8192 |" in table and "| NVIDIA H100 80GB HBM3 | qwen05 | 8192 |" in table
+
+
+def test_accuracy_of_several_runs_keeps_the_larger_sample_and_each_temperature(tmp_path):
+    row = {"task": "qa", "context": 32768, "backend": "dense", "top_p": None, "budget": None}
+    grid = {**META, "rows": [{**row, "score": 40.0, "n": 5},
+                             {**row, "backend": "rabitq", "top_p": 0.8, "score": 40.0, "budget": 0.44, "n": 5}]}
+    sweep = {**META, "rows": [{**row, "score": 50.0, "n": 10, "score_temperature": None},
+                              *({**row, "backend": "rabitq", "top_p": 0.8, "score_temperature": t, "score": sc,
+                                 "budget": b, "n": 10} for t, sc, b in ((0.8, 50.0, 0.3), (1.0, 30.0, 0.15)))]}
+    s = SM.build_summary([grid, sweep], [], None)
+    check_schema(s)
+    by = {(r["backend"], r["top_p"], r["score_temperature"]): r for r in s["accuracy"]}
+    assert len(s["accuracy"]) == 4 and by[("dense", None, None)]["score"] == 50.0  # 10 samples over 5
+    assert by[("rabitq", 0.8, None)]["budget"] == 0.44 and by[("rabitq", 0.8, 1.0)]["score"] == 30.0
+    table = "\n".join(SM.accuracy_table(s["accuracy"]))
+    assert "| dense | rabitq p=0.8 | rabitq p=0.8 t=0.8 | rabitq p=0.8 t=1.0 |" in table
+    assert "| qa | 32768 | 50.0 | 40.0 (44%) | 50.0 (30%) | 30.0 (15%) |" in table
 
 
 def test_build_summary_from_nothing():
