@@ -30,6 +30,14 @@ SCORE_BLOCK_N = 128  # tokens per inner block of the estimate
 HIST_BLOCK_N = 512  # logits per inner block of the histogram
 
 
+def score_num_warps(group: int, head_dim: int) -> int:
+    """Warps per score program. A [group_pad, 128] tile of D-bit estimates on 2 warps needs ~254
+    registers per thread at 8 x 128 (Qwen2.5-1.5B: 12/2 heads, D 128), 4 programs per SM; on 4 warps
+    128, twice the warps per SM: 116 vs 133 us at 32K, batch 32 on an H200 (kernels_breakdown-qwen15.md).
+    At 4 x 128 (Llama-3.1-8B) and 8 x 64 (Qwen2.5-0.5B) the two are within 2 %, 2 warps ahead."""
+    return 4 if group_pad(group) * head_dim >= 1024 else 2
+
+
 @triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _score_kernel(
     qbits_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
@@ -83,10 +91,10 @@ def _score_kernel(
 def score_chunks(
     qbits: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
-    sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int = 2,
+    sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int | None = None,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
-    head, chunk) of the plan's scored regions."""
+    head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``."""
     bsz, hq = qbits.shape[:2]
     d = qbits.shape[-1] * 32
     group = hq // num_kv_heads
@@ -100,7 +108,8 @@ def score_chunks(
         stats.max, stats.top, stats.count,
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
-        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], HW=HW_POPCOUNT, num_warps=num_warps,
+        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], HW=HW_POPCOUNT,
+        num_warps=num_warps or score_num_warps(group, d),
     )
 
 
