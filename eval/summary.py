@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,9 +37,28 @@ def _joined(sources: list[dict], key: str) -> str:
     return ", ".join(seen) or "unknown"
 
 
+def flag_value(args: str, flag: str) -> str | None:
+    """The value of ``flag`` in a command-line string (``--flag V`` or ``--flag=V``; the last one given)."""
+    value, words = None, shlex.split(args)
+    for i, w in enumerate(words):
+        if w == flag and i + 1 < len(words):
+            value = words[i + 1]
+        elif w.startswith(flag + "="):
+            value = w.split("=", 1)[1]
+    return value
+
+
 def speed_model(result: dict, row: dict) -> str:
-    """A speed row's model, naming its prompts where the run recorded them (they set the budget)."""
-    return f"{row['model']} ({result['prompts']} prompts)" if result.get("prompts") else str(row["model"])
+    """A speed row's model with what sets its budget: the prompts (where the run recorded them), the
+    top-p and a score temperature given in the run's rabitq flags."""
+    cfg = result.get("config") or {}
+    setting = [f"{result['prompts']} prompts"] if result.get("prompts") else []
+    if cfg.get("top_p") is not None:
+        setting.append(f"p {cfg['top_p']}")
+    temp = flag_value(cfg.get("rabitq_args") or "", "--rabitq-score-temperature")
+    if temp is not None:
+        setting.append(f"t {temp}")
+    return f"{row['model']} ({', '.join(setting)})" if setting else str(row["model"])
 
 
 def accuracy_rows(accuracy: list[dict]) -> list[dict]:
@@ -52,12 +72,11 @@ def accuracy_rows(accuracy: list[dict]) -> list[dict]:
             row = {"task": str(r["task"]), "context": int(r["context"]), "backend": r["backend"],
                    "top_p": _f(r.get("top_p")) if ours else None,
                    "score_temperature": _f(r.get("score_temperature")) if ours else None,
-                   "score": float(r["score"]), "budget": _f(r.get("budget"))}
+                   "score": float(r["score"]), "budget": _f(r.get("budget")), "n": _i(r.get("n"))}
             key = (row["task"], row["context"], row["backend"], row["top_p"], row["score_temperature"])
-            n = r.get("n") or 0
-            if key not in kept or n >= kept[key][0]:
-                kept[key] = (n, row)
-    return [row for _, row in kept.values()]
+            if key not in kept or (row["n"] or 0) >= (kept[key]["n"] or 0):
+                kept[key] = row
+    return list(kept.values())
 
 
 def accuracy_config(r: dict) -> tuple:
@@ -106,6 +125,10 @@ def accuracy_table(acc: list[dict]) -> list[str]:
         return ["(no accuracy results)"]
     cols = sorted({accuracy_config(r) for r in acc}, key=_config_order)
     names = [config_label(c) for c in cols]
+    counts = [sorted({r["n"] for r in acc if accuracy_config(r) == c and r.get("n")}) for c in cols]
+    if len({tuple(n) for n in counts}) > 1:  # runs of different sizes side by side: say which is which
+        names = [f"{name} ({'-'.join(map(str, (n[0], n[-1]) if len(n) > 1 else n))}/task)" if n else name
+                 for name, n in zip(names, counts)]
     lines = ["| task | context | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]
     keys = sorted({(r["task"], r["context"]) for r in acc}, key=lambda k: (k[1], k[0]))
     contexts = sorted({k[1] for k in keys})
@@ -124,7 +147,8 @@ def accuracy_table(acc: list[dict]) -> list[str]:
             lines.append(f"| {task} | {ctx} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens). t: the score "
-                 f"temperature, where a run set it (else the server's default, {RaBitQConfig.score_temperature}).")
+                 f"temperature, where a run set it (else the server's default, {RaBitQConfig.score_temperature}). Where two "
+                 "runs scored the same configuration, the one over more samples is shown.")
     return lines
 
 

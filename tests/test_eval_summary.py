@@ -28,7 +28,7 @@ PREFIX = {**META, "summary": {"agreement": 0.8, "codes_reused": 1200.0, "codes_e
                               "dense_tpot_ms": 5.0, "rabitq_tpot_ms": 4}, "table": [["TPOT ms (all)", 5.0, 4.0]]}
 
 SCHEMA_TOP = {"gpu", "sglang", "model", "date", "accuracy", "speed", "prefix_sharing"}
-ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget", "score_temperature"}  # the issue's + t
+ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget", "score_temperature", "n"}  # the issue's + 2
 SPEED_KEYS = {"model", "context", "batch", "dense_tok_s", "rabitq_tok_s", "speedup", "budget"}
 PREFIX_KEYS = {"agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms"}
 
@@ -88,8 +88,16 @@ def test_accuracy_of_several_runs_keeps_the_larger_sample_and_each_temperature(t
     assert len(s["accuracy"]) == 4 and by[("dense", None, None)]["score"] == 50.0  # 10 samples over 5
     assert by[("rabitq", 0.8, None)]["budget"] == 0.44 and by[("rabitq", 0.8, 1.0)]["score"] == 30.0
     table = "\n".join(SM.accuracy_table(s["accuracy"]))
-    assert "| dense | rabitq p=0.8 | rabitq p=0.8 t=0.8 | rabitq p=0.8 t=1.0 |" in table
+    assert "| dense (10/task) | rabitq p=0.8 (5/task) | rabitq p=0.8 t=0.8 (10/task) | rabitq p=0.8 t=1.0 (10/task) |" in table
     assert "| qa | 32768 | 50.0 | 40.0 (44%) | 50.0 (30%) | 30.0 (15%) |" in table
+
+
+def test_speed_rows_name_the_top_p_and_temperature_their_run_served_at():
+    runs = [{**SPEED, "prompts": "text", "config": {"top_p": 0.8, "rabitq_args": "--rabitq-score-temperature 1.0"}},
+            {**SPEED, "prompts": "text", "config": {"top_p": 0.9, "rabitq_args": ""}}]
+    s = SM.build_summary([], runs, None)
+    assert {r["model"] for r in s["speed"]} == {"qwen05 (text prompts, p 0.8, t 1.0)", "qwen05 (text prompts, p 0.9)"}
+    assert SM.flag_value("--rabitq-score-temperature=0.5 --rabitq-score-temperature 0.7", "--rabitq-score-temperature") == "0.7"
 
 
 def test_build_summary_from_nothing():
