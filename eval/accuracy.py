@@ -92,16 +92,18 @@ def config_name(kind, top_p, temp) -> str:
 
 
 def config_key(r: dict) -> tuple:
-    """A result row's configuration: (backend, top_p, score_temperature)."""
+    """A result row's configuration: (backend, top_p, score_temperature); rows written before the
+    temperature was recorded ran at the server's default (None)."""
     return r["backend"], r["top_p"], r.get("score_temperature")
 
 
-def _sort_key(c: tuple):
-    return c[0] != "dense", c[1] or 0, c[2] or 0
+def config_order(c: tuple):
+    """Dense first, then by temperature (the default first), then by top-p."""
+    return c[0] != "dense", c[2] or 0, c[1] or 0
 
 
 def print_table(rows) -> None:
-    cols = sorted({config_key(r) for r in rows}, key=_sort_key)
+    cols = sorted({config_key(r) for r in rows}, key=config_order)
     head = ["task", "ctx"] + [config_name(*c) for c in cols]
     print("\n" + " | ".join(f"{h:>17}" for h in head))
     keys = sorted({(r["task"], r["context"]) for r in rows}, key=lambda k: (k[1], k[0]))

@@ -13,6 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.accuracy import config_key  # noqa: E402
 
 
 def averages(rows: list[dict], context: int) -> dict:
@@ -20,7 +25,7 @@ def averages(rows: list[dict], context: int) -> dict:
     groups: dict = {}
     for r in rows:
         if int(r["context"]) == context:
-            groups.setdefault((r["backend"], r["top_p"], r.get("score_temperature")), []).append(r)
+            groups.setdefault(config_key(r), []).append(r)
     out = {}
     for key, rs in groups.items():
         budgets = [r["budget"] for r in rs if r.get("budget") is not None]

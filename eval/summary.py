@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eval.accuracy import config_key, config_name, config_order  # noqa: E402
 from eval.server import RESULTS, write_json  # noqa: E402
 from sglang_rabitq.config import RaBitQConfig  # noqa: E402
 
@@ -79,19 +80,8 @@ def accuracy_rows(accuracy: list[dict]) -> list[dict]:
     return list(kept.values())
 
 
-def accuracy_config(r: dict) -> tuple:
-    return r["backend"], r["top_p"], r.get("score_temperature")
-
-
 def config_label(c: tuple) -> str:
-    backend, top_p, temp = c
-    if backend == "dense":
-        return "dense"
-    return f"rabitq p={top_p}" + (f" t={temp}" if temp is not None else "")
-
-
-def _config_order(c: tuple):
-    return c[0] != "dense", c[2] or 0, c[1] or 0
+    return "dense" if c[0] == "dense" else "rabitq " + config_name(*c)
 
 
 def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) -> dict:
@@ -123,9 +113,9 @@ def _fmt(v, spec="{:.2f}"):
 def accuracy_table(acc: list[dict]) -> list[str]:
     if not acc:
         return ["(no accuracy results)"]
-    cols = sorted({accuracy_config(r) for r in acc}, key=_config_order)
+    cols = sorted({config_key(r) for r in acc}, key=config_order)
     names = [config_label(c) for c in cols]
-    counts = [sorted({r["n"] for r in acc if accuracy_config(r) == c and r.get("n")}) for c in cols]
+    counts = [sorted({r["n"] for r in acc if config_key(r) == c and r.get("n")}) for c in cols]
     if len({tuple(n) for n in counts}) > 1:  # runs of different sizes side by side: say which is which
         names = [f"{name} ({'-'.join(map(str, (n[0], n[-1]) if len(n) > 1 else n))}/task)" if n else name
                  for name, n in zip(names, counts)]
@@ -136,7 +126,7 @@ def accuracy_table(acc: list[dict]) -> list[str]:
         for task in [t for t, c in keys if c == ctx] + ["**average**"]:
             cells = []
             for c in cols:
-                rs = [r for r in acc if r["context"] == ctx and accuracy_config(r) == c
+                rs = [r for r in acc if r["context"] == ctx and config_key(r) == c
                       and (task == "**average**" or r["task"] == task)]
                 if not rs:
                     cells.append("-")
@@ -212,7 +202,7 @@ def plot(summary: dict, raw_speed: dict, out_dir: Path) -> list[Path]:
                 for r in rs:
                     x = 1.0 if r["backend"] == "dense" else r["budget"]
                     if x is not None:
-                        pts.setdefault(accuracy_config(r), []).append((x, r["score"]))
+                        pts.setdefault(config_key(r), []).append((x, r["score"]))
                 xy = sorted((sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for v in pts.values())
                 if xy:
                     ax.plot(*zip(*xy), marker="o", lw=2.5 if task == "average" else 1,
