@@ -67,8 +67,8 @@ def account(prompt: str, n_out: int) -> tuple[int, int]:
         Fake.counters["cached"] += ct
         if Fake.backend == "rabitq":
             Fake.counters["context"] += n_out * pt
-            # a budget of 2 (1 - p), times the score temperature (below 1 widens the real selection)
-            Fake.counters["attended"] += n_out * pt * (1 - (Fake.top_p or 0.9)) * 2 * (Fake.temperature or 1.0)
+            # a budget of 2 (1 - p) / t: as on real attention, a lower score temperature widens the selection
+            Fake.counters["attended"] += n_out * pt * (1 - (Fake.top_p or 0.9)) * 2 / (Fake.temperature or 1.0)
             Fake.counters["reused"] += ct
             Fake.counters["encoded"] += pt - ct
     return pt, ct
@@ -316,12 +316,12 @@ if __name__ != "__main__":
         rows = {(r["backend"], r["top_p"], r["score_temperature"]): r for r in json.loads(out.read_text())["rows"]}
         assert sorted(rows, key=str) == sorted([("dense", None, None), ("rabitq", 0.8, 0.5), ("rabitq", 0.9, 0.5),
                                                 ("rabitq", 0.8, 1.0), ("rabitq", 0.9, 1.0)], key=str)
-        assert rows[("rabitq", 0.8, 0.5)]["budget"] == pytest.approx(0.2)  # the fake's 2 (1 - p) t
+        assert rows[("rabitq", 0.8, 0.5)]["budget"] == pytest.approx(0.8)  # the fake's 2 (1 - p) / t
+        assert rows[("rabitq", 0.8, 1.0)]["budget"] == pytest.approx(0.4)
         assert rows[("rabitq", 0.9, 1.0)]["budget"] == pytest.approx(0.2)
-        assert rows[("rabitq", 0.9, 0.5)]["budget"] == pytest.approx(0.1)
         # the fake answers a prompt wrong on rabitq by its hash, the same one at every configuration
-        drop = rows[("dense", None, None)]["score"] - rows[("rabitq", 0.9, 0.5)]["score"]
-        assert operating_point.main([str(out), "--context", "1024", "--max-drop", str(drop)]) == (0.9, 0.5)
+        drop = rows[("dense", None, None)]["score"] - rows[("rabitq", 0.9, 1.0)]["score"]
+        assert operating_point.main([str(out), "--context", "1024", "--max-drop", str(drop)]) == (0.9, 1.0)
 
     def test_prefix_sharing_driver(fake, tmp_path):
         out = tmp_path / "prefix_sharing.json"
@@ -419,7 +419,7 @@ if __name__ != "__main__":
         speed = json.loads((out / "speed.json").read_text())
         # every rabitq configuration of the fake misses the same answers: the cheapest, p 0.9 at t 0.5, is run
         assert speed["config"]["top_p"] == 0.9 and "--rabitq-score-temperature 0.5" in speed["config"]["rabitq_args"]
-        assert all(r["budget"] == pytest.approx(0.1) for r in speed["rows"])  # the fake's 2 (1 - p) t
+        assert all(r["budget"] == pytest.approx(0.4) for r in speed["rows"])  # the fake's 2 (1 - p) / t
 
     def test_quick_keeps_explicit_values():
         import argparse
