@@ -97,6 +97,12 @@ def config_key(r: dict) -> tuple:
     return r["backend"], r["top_p"], r.get("score_temperature")
 
 
+def mean_score_budget(rows: list[dict]) -> tuple[float, float | None]:
+    """Mean score of result rows and mean budget of those that have one (None if none has)."""
+    budgets = [r["budget"] for r in rows if r.get("budget") is not None]
+    return sum(r["score"] for r in rows) / len(rows), (sum(budgets) / len(budgets) if budgets else None)
+
+
 def config_order(c: tuple):
     """Dense first, then by temperature (the default first), then by top-p."""
     return c[0] != "dense", c[2] or 0, c[1] or 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.accuracy import config_key  # noqa: E402
+from eval.accuracy import config_key, mean_score_budget  # noqa: E402
 
 
 def averages(rows: list[dict], context: int) -> dict:
@@ -26,11 +26,7 @@ def averages(rows: list[dict], context: int) -> dict:
     for r in rows:
         if int(r["context"]) == context:
             groups.setdefault(config_key(r), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        budgets = [r["budget"] for r in rs if r.get("budget") is not None]
-        out[key] = (sum(r["score"] for r in rs) / len(rs), sum(budgets) / len(budgets) if budgets else None)
-    return out
+    return {key: mean_score_budget(rs) for key, rs in groups.items()}
 
 
 def pick(rows: list[dict], context: int, max_drop: float) -> tuple[tuple, float, bool]:
@@ -43,10 +39,11 @@ def pick(rows: list[dict], context: int, max_drop: float) -> tuple[tuple, float,
     if not ours:
         raise ValueError(f"no rabitq configuration at context {context}")
     within = [k for k, (drop, _) in ours.items() if drop <= max_drop]
-    if within:
-        best = min(within, key=lambda k: (ours[k][1] is None, ours[k][1] or 0.0))  # unknown budget last
-    else:
-        best = min(ours, key=lambda k: (ours[k][0], ours[k][1] is None, ours[k][1] or 0.0))
+
+    def cost(k):  # an unknown budget last
+        return ours[k][1] is None, ours[k][1] or 0.0
+
+    best = min(within, key=cost) if within else min(ours, key=lambda k: (ours[k][0], *cost(k)))
     return best, ours[best][0], bool(within)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.accuracy import config_key, config_name, config_order  # noqa: E402
+from eval.accuracy import config_key, config_name, config_order, mean_score_budget  # noqa: E402
 from eval.server import RESULTS, write_json  # noqa: E402
 from sglang_rabitq.config import RaBitQConfig  # noqa: E402
 
@@ -74,7 +74,7 @@ def accuracy_rows(accuracy: list[dict]) -> list[dict]:
                    "top_p": _f(r.get("top_p")) if ours else None,
                    "score_temperature": _f(r.get("score_temperature")) if ours else None,
                    "score": float(r["score"]), "budget": _f(r.get("budget")), "n": _i(r.get("n"))}
-            key = (row["task"], row["context"], row["backend"], row["top_p"], row["score_temperature"])
+            key = (row["task"], row["context"], *config_key(row))
             if key not in kept or (row["n"] or 0) >= (kept[key]["n"] or 0):
                 kept[key] = row
     return list(kept.values())
@@ -131,9 +131,8 @@ def accuracy_table(acc: list[dict]) -> list[str]:
                 if not rs:
                     cells.append("-")
                     continue
-                s = sum(r["score"] for r in rs) / len(rs)
-                bud = [r["budget"] for r in rs if r["budget"] is not None]
-                cells.append(f"{s:.1f}" + (f" ({100 * sum(bud) / len(bud):.0f}%)" if bud else ""))
+                s, bud = mean_score_budget(rs)
+                cells.append(f"{s:.1f}" + (f" ({100 * bud:.0f}%)" if bud is not None else ""))
             lines.append(f"| {task} | {ctx} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens). t: the score "
