@@ -59,12 +59,13 @@ def configs(args) -> list[dict]:
             for shape in args.shapes for ctx in args.contexts for bs in args.batches for budget in args.budgets]
 
 
-def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
-    """Run (and on a GPU time) every config with ``tree``'s kernels; save rows and outputs to ``out``."""
+def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path, per_kernel: bool = False) -> None:
+    """Run (and on a GPU time) every config with ``tree``'s kernels; save rows and outputs to ``out``.
+    ``per_kernel``: also each kernel's device time in the replay (``decode_step.kernel_times``)."""
     kernels_dir = use_tree(tree)
     import torch
 
-    from eval.decode_step import Setup, graph_time
+    from eval.decode_step import Setup, graph_time, kernel_times
 
     cuda = torch.cuda.is_available()
     rows, outputs = [], []
@@ -76,6 +77,8 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
         step()
         outputs.append(s.out.float().cpu().clone())
         rows.append(dict(cfg, budget=s.budget(), us=graph_time(step) if cuda else None))
+        if cuda and per_kernel:
+            rows[-1]["kernel_us"] = kernel_times(step)
         print(json.dumps(rows[-1]), flush=True)
         del s, step
         if cuda:
@@ -83,11 +86,11 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> None:
     torch.save({"rows": rows, "outputs": outputs, "kernels": kernels_dir}, out)
 
 
-def run_tree(tree: Path, cfgs: list[dict], top_p: float, out: Path) -> dict:
+def run_tree(tree: Path, cfgs: list[dict], top_p: float, out: Path, per_kernel: bool = False) -> dict:
     import torch
 
     cmd = [sys.executable, __file__, "--worker", str(tree), "--configs", json.dumps(cfgs), "--top-p", str(top_p),
-           "--worker-out", str(out)]
+           "--worker-out", str(out)] + (["--per-kernel"] if per_kernel else [])
     print(f"[ab] {tree}", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return torch.load(out)
@@ -102,6 +105,8 @@ def compare(base: dict, head: dict) -> list[dict]:
         row.update(base_budget=b["budget"], head_budget=h["budget"], base_us=b["us"], head_us=h["us"],
                    speedup=b["us"] / h["us"] if b["us"] and h["us"] else None,
                    max_abs_diff=(ob - oh).abs().max().item(), identical=torch.equal(ob, oh))
+        if "kernel_us" in b:
+            row.update(base_kernel_us=b["kernel_us"], head_kernel_us=h["kernel_us"])
         rows.append(row)
     return rows
 
@@ -117,6 +122,15 @@ def markdown(result: dict) -> str:
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['base_budget']:.3f} / {r['head_budget']:.3f} "
                      f"| {us[0]} | {us[1]} | {sp} | {r['max_abs_diff']:.3g} |")
+    timed = [r for r in result["rows"] if "base_kernel_us" in r]
+    if timed:
+        lines += ["", "Per kernel, device us per replay (profiler records; `gaps`: the replay's span minus its kernels), base / head:", "",
+                  "| shape | context | batch | kernel | base | head |", "|---|---|---|---|---|---|"]
+        for r in timed:
+            names = list(dict.fromkeys([*r["base_kernel_us"], *r["head_kernel_us"]]))
+            for name in names:
+                cells = [("-" if name not in r[k] else f"{r[k][name]:.1f}") for k in ("base_kernel_us", "head_kernel_us")]
+                lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,12 +144,13 @@ def main(argv=None):
     ap.add_argument("--budgets", type=S.csv_list(float), default=[0.3])
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--out", type=Path, default=ROOT / "eval/results/ab_step.json")
+    ap.add_argument("--per-kernel", action="store_true", help="also each kernel's device time (GPU only)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--configs", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker, json.loads(args.configs), args.top_p, args.worker_out)
+        return worker(args.worker, json.loads(args.configs), args.top_p, args.worker_out, args.per_kernel)
     if args.base is None:
         ap.error("--base is required")
     for tree in (args.base, args.head):
@@ -146,7 +161,7 @@ def main(argv=None):
     runs = {}
     for side, tree in (("base", args.base), ("head", args.head)):
         scratch = args.out.with_suffix(f".{side}.pt")
-        runs[side] = run_tree(tree, cfgs, args.top_p, scratch)
+        runs[side] = run_tree(tree, cfgs, args.top_p, scratch, args.per_kernel)
         scratch.unlink()
     result = {**S.env_info(), "base": runs["base"]["kernels"], "head": runs["head"]["kernels"], "top_p": args.top_p,
               "rows": compare(runs["base"], runs["head"])}

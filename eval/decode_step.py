@@ -8,6 +8,7 @@ request's tokens): top-p then keeps about that fraction.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -24,14 +25,48 @@ def bench(fn, reps=50):
     return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1000.0  # us
 
 
-def graph_time(fn):
-    """Median time (us) of ``fn`` captured in a CUDA graph and replayed."""
+def capture(fn) -> torch.cuda.CUDAGraph:
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return bench(g.replay)
+    return g
+
+
+def graph_time(fn):
+    """Median time (us) of ``fn`` captured in a CUDA graph and replayed."""
+    return bench(capture(fn).replay)
+
+
+def kernel_times(fn, reps: int = 20) -> dict:
+    """Per kernel of ``fn``'s graph replay: mean device time (us) per replay, from the profiler's
+    kernel records; ``"gaps"``: the rest of a replay's span (first kernel start to last kernel end),
+    i.e. the time the chain of launches leaves the GPU between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = capture(fn)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            g.replay()
+            torch.cuda.synchronize()  # one replay per span: the spans do not overlap
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.name != "Memset (Device)"),
+                     key=lambda e: e.time_range.start)
+    per_replay = len(kernels) // reps
+    out: dict[str, float] = {}
+    span = 0.0
+    for r in range(reps):
+        run = kernels[r * per_replay : (r + 1) * per_replay]
+        span += run[-1].time_range.end - run[0].time_range.start
+        for e in run:
+            name = e.name.split("(")[0].split("<")[0].strip().removeprefix("_").removesuffix("_kernel")
+            out[name] = out.get(name, 0.0) + e.time_range.elapsed_us()
+    out = {k: v / reps for k, v in out.items()}
+    out["gaps"] = span / reps - sum(out.values())
+    return out
 
 
 class Setup:
@@ -67,9 +102,19 @@ class Setup:
         encode_slots(self.k, all_slots, self.rot, self.center, self.codes, self.factor)
         self.ws.plan.fill(self.rpi, self.seq, self.seq, sink, window, self.ws.num_chunks(self.bs))
 
-    def ours(self, top_p):
-        return lambda: rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t,
-                                           self.ws, self.out, sm_scale=self.d**-0.5, top_p=top_p, center=self.center)
+    def ours(self, top_p, chunk: int = 64):
+        """The step as serving runs it: with a lazy-encode list of ``chunk`` slots per request (all
+        padding, as on most steps). A tree whose decode launch does not take it encodes it on its own."""
+        pending = torch.full((self.bs * chunk,), -1, dtype=torch.int64, device=self.q.device)
+        fused = "pending" in inspect.signature(rabitq_decode_layer).parameters
+        extra = dict(pending=pending) if fused else {}
+
+        def step():
+            if not fused:
+                encode_slots(self.k, pending, self.rot, self.center, self.codes, self.factor)
+            rabitq_decode_layer(self.q, self.k, self.v, self.codes, self.factor, self.rot, self.r2t, self.ws, self.out,
+                                sm_scale=self.d**-0.5, top_p=top_p, center=self.center, **extra)
+        return step
 
     def budget(self) -> float:
         """Tokens the last step attended per kv-head, over the context."""

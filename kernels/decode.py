@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from sglang_rabitq.kernels.encode import encode_slots
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import top_p_threshold
@@ -129,25 +130,30 @@ def rabitq_decode_layer(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
     *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest", score_temperature: float = 1.0,
-    top_p_scope: str = "scored", center: torch.Tensor | None = None,
+    top_p_scope: str = "scored", center: torch.Tensor | None = None, pending: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``.
 
     Selection ranks tokens by the estimated logits times ``score_temperature`` (< 1 flattens the
     estimated softmax, which the estimator's noise makes look sharper than the true one); the
     attention itself uses ``sm_scale``. ``top_p_scope`` and ``center`` (the codes' key centre,
-    ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``.
+    ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``. ``pending [B * chunk]``: this step's
+    lazy-encode slots (``prepare_query``; -1 for none), encoded into ``codes`` and ``factor`` on the way.
     """
     check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
     qscal, qbits, thr = ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
-    if not dense:
+    center = ws.zero_center if center is None else center
+    if dense:
+        if pending is not None:
+            encode_slots(k_buf, pending, rot, center, codes, factor)
+    else:
         score_scale = sm_scale * score_temperature
         prior = ws.prior[:bsz] if top_p_scope == "context" else None
         prepare_query(q, rot, qscal, qbits, ws.seed, rounding, prior_lse=prior, k_buf=k_buf, req_to_token=req_to_token,
-                      plan=plan, center=ws.zero_center if center is None else center, prior_scale=score_scale)
+                      plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor)
         score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      score_scale, k_buf.shape[1], nc)
         top_p_threshold(ws.stats, thr, top_p, nc, prior)

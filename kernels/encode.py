@@ -1,4 +1,8 @@
-"""Encode keys of given KV-pool slots into 1-bit codes + fused factor (reference: ``encode_keys``)."""
+"""Encode keys of given KV-pool slots into 1-bit codes + fused factor (reference: ``encode_keys``).
+
+``encode_block`` is the body: the prefill/refresh kernel here runs it over a slot list, and the
+query kernel runs it over each request's lazy-encode chunk of a decode step (no launch of its own).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,16 @@ ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
 ENCODE_WARPS = 4
 
 
-@triton.jit(do_not_specialize=["n_slots"])  # per-batch sizes: one compile (package doc)
-def _encode_kernel(
-    k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
-    stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
-    D: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+@triton.jit
+def encode_block(
+    k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, h, stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
+    """Encode kv-head ``h`` of the keys at ``slots [BLOCK_N]`` (int64; < 0 skipped)."""
     valid = slots >= 0  # -1 marks padding in fixed-size (CUDA-graph) slot lists
     # a decode step's lazy-encode list is all padding on most steps: nothing to do then
     if tl.max(valid.to(tl.int32), axis=0) > 0:
+        WORDS: tl.constexpr = D // 32
         key = k_ptr + slots * stride_kn + h * stride_kh
         offs_o = tl.arange(0, D)
         norm_sq = tl.zeros((BLOCK_N,), tl.float32)
@@ -47,6 +48,18 @@ def _encode_kernel(
         tl.store(factor_ptr + slots * stride_fn + h, factor, mask=valid)
 
 
+@triton.jit(do_not_specialize=["n_slots"])  # per-batch sizes: one compile (package doc)
+def _encode_kernel(
+    k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
+    stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
+    encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, tl.program_id(1),
+                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, D, BLOCK_N, BLOCK_D)
+
+
 def encode_slots(
     k_buf: torch.Tensor,
     slots: torch.Tensor,
@@ -66,5 +79,5 @@ def encode_slots(
     _encode_kernel[(triton.cdiv(n, ENCODE_BLOCK_N), h)](
         k_buf, slots, rot, center, codes, factor, n,
         k_buf.stride(0), k_buf.stride(1), codes.stride(0), codes.stride(1), factor.stride(0),
-        D=d, WORDS=d // 32, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
+        D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
     )

@@ -3,8 +3,8 @@
 The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``:
 - extend / prefill / mixed batches: the dense backend attends and saves K/V; then the keys of
   every new token, and of any reused prefix slot without a valid code, are encoded per layer;
-- decode: a chunk of older window tokens may be encoded (lazy refresh), and each sparse layer runs
-  score -> threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
+- decode: each sparse layer runs query (with the lazy refresh: a chunk of older window tokens may be
+  encoded) -> score -> threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
   (the first ``dense_layers``, or all at top-p 1) use the dense backend's own decode kernel, so
   top-p 1 gives exactly the dense backend's output.
 """
@@ -166,11 +166,13 @@ class RaBitQAttnBackend(AttentionBackend):
         k_buf, v_buf = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
         sparse = self.pool.is_sparse(lid)
         codes, factor, rot = self.pool.buffers(lid)
-        if sparse:  # lazy refresh: the chunk of window tokens the planner picked (if any)
-            encode_slots(k_buf, self.planner.encode_slots[: bsz * self.config.encode_chunk],
-                         rot, self.pool.center[lid], codes, factor)
+        # lazy refresh: the chunk of window tokens the planner picked (if any), encoded by every sparse
+        # layer; the sparse kernels do it inside their query launch
+        pending = self.planner.encode_slots[: bsz * self.config.encode_chunk] if sparse else None
         dense = self._attends_densely(lid)
         if dense and self.dense_decode:
+            if sparse:
+                encode_slots(k_buf, pending, rot, self.pool.center[lid], codes, factor)
             out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         else:
             if save_kv_cache:
@@ -180,7 +182,7 @@ class RaBitQAttnBackend(AttentionBackend):
             rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                                 sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
                                 rounding=self.config.rounding, score_temperature=self.config.score_temperature,
-                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid])
+                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid], pending=pending)
             out = out.view(bsz, self.num_q_heads * self.head_dim)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)

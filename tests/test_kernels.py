@@ -100,6 +100,33 @@ def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
     assert torch.equal(qscal[..., 2].cpu(), qu.float().sum(-1))
 
 
+@pytest.mark.parametrize("chunk", [64, 100])  # 100: a chunk that is not one encode block
+def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
+    """The lazy refresh rides on the query launch: request b's program per kv-head encodes the slots
+    at ``pending[b * chunk : (b + 1) * chunk]`` exactly as ``encode_slots`` does, and nothing else."""
+    b, hq, hkv, d, n = 3, 4, 2, 64, 400
+    keys = torch.randn(n, hkv, d).to(torch.bfloat16).to(DEVICE)
+    rot = random_rotation(d, seed=fresh_seed, num_heads=hkv).to(DEVICE)
+    center = (torch.randn(hkv, d) * 0.1).to(DEVICE)
+    pending = torch.full((b * chunk,), -1, dtype=torch.int64)
+    pending[:chunk] = torch.randperm(n - 5)[:chunk]  # request 0: a full chunk
+    pending[2 * chunk : 2 * chunk + 5] = torch.arange(5) + n - 5  # request 2: 5 slots (request 1: none)
+    pending = pending.to(DEVICE)
+    poison = dict(codes=torch.full((n, hkv, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE),
+                  factor=torch.full((n, hkv), float("nan"), device=DEVICE))
+    got = {k: v.clone() for k, v in poison.items()}
+    want = {k: v.clone() for k, v in poison.items()}
+    q = torch.randn(b, hq, d).to(torch.bfloat16).to(DEVICE)
+    qscal = torch.empty(b, hq, 3, device=DEVICE)
+    qbits = torch.empty(b, hq, 4, d // 32, dtype=torch.int32, device=DEVICE)
+    prepare_query(q, rot, qscal, qbits, k_buf=keys, center=center, pending=pending, **got)
+    encode_slots(keys, pending, rot, center, want["codes"], want["factor"])
+    assert torch.equal(got["codes"], want["codes"])
+    assert torch.equal(got["factor"].isnan(), want["factor"].isnan())
+    assert torch.equal(got["factor"].nan_to_num(), want["factor"].nan_to_num())
+    assert int((got["codes"] != 0x5A5A5A5A).any(-1).any(-1).sum()) == chunk + 5
+
+
 def test_prepare_query_random_rounding_is_unbiased():
     d, n = 64, (4096 if ON_GPU else 256)
     q = torch.randn(1, 1, d).expand(n, 1, d).contiguous()
