@@ -58,11 +58,11 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
                       DOT_F32=False)
         return _sparse_attention_kernel, consts
     if name == "encode":
-        return _encode_kernel, dict(D=head_dim, WORDS=head_dim // 32, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
+        return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
     if name == "query":
-        # as served: with the sink/window mass of top-p over the context
+        # with the sink/window mass of top-p over the context and the lazy encode at the default chunk
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
-                                           BLOCK_K=PRIOR_BLOCK)
+                                           BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D)
     if name == "threshold":
         return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}
     if name == "merge":  # the chunks' partials and the sink/window program's

@@ -28,6 +28,11 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens
 SCORE_BLOCK_N = 128  # tokens per inner block of the estimate
 HIST_BLOCK_N = 512  # logits per inner block of the histogram
+# groups of more query heads than this histogram all heads of a block together (their loads in
+# flight at once, 26 % fewer instructions per head in the SASS): score pass 6-18 % faster on the
+# Qwen2.5 shapes (6-7 heads), but 1-5 % slower on the Llama shape (4 heads) at batch 16
+# (ab_step-merge-hist-ungated.md), which keeps one head at a time (ab_step-merge-hist.md)
+HEADS_AT_ONCE_FROM = tl.constexpr(4)
 
 
 def score_num_warps(group: int, head_dim: int) -> int:
@@ -75,17 +80,34 @@ def _score_kernel(
     tl.store(ctop_ptr + out_rows, tl.where(m > float("-inf"), top, NO_BIN), mask=gmask)
     tl.debug_barrier()  # this program's logit stores are visible to all its threads
     offs_j = tl.arange(0, NB)
-    for g in tl.static_range(GROUP):
-        top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
-        row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
-        count = tl.zeros((NB,), tl.int32)
+    count = tl.zeros((GP, NB), tl.int32)
+    if GROUP > HEADS_AT_ONCE_FROM:
         for n0 in range(start, end, HBLOCK):
             pos = n0 + tl.arange(0, HBLOCK)
             valid = pos < end
-            lg = tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
-            k = top_g - tl.floor(lg / BIN_W).to(tl.int32)  # bin counted down from the top
-            count += tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))
-        tl.store(ccount_ptr + (b * HQ + hkv * GROUP + g) * NC * NB + c * NB + offs_j, count, mask=end > start)
+            # every head's block is requested before the first histogram: one memory round trip per
+            # block, not one per head (the histograms synchronize the warps, which keeps loads behind them)
+            blocks = ()
+            for g in tl.static_range(GROUP):
+                row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
+                blocks = blocks + (tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg"),)
+            for g in tl.static_range(GROUP):
+                top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
+                k = top_g - tl.floor(blocks[g].to(tl.float32) / BIN_W).to(tl.int32)  # bin counted down from the top
+                count = tl.where(offs_g[:, None] == g, count + tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))[None, :], count)
+    else:  # one head at a time
+        for g in tl.static_range(GROUP):
+            top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
+            row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
+            count_g = tl.zeros((NB,), tl.int32)
+            for n0 in range(start, end, HBLOCK):
+                pos = n0 + tl.arange(0, HBLOCK)
+                valid = pos < end
+                lg = tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
+                k = top_g - tl.floor(lg / BIN_W).to(tl.int32)
+                count_g += tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))
+            count = tl.where(offs_g[:, None] == g, count_g[None, :], count)
+    tl.store(ccount_ptr + (qrows[:, None] * NC + c) * NB + offs_j[None, :], count, mask=gmask[:, None] & (end > start))
 
 
 def score_chunks(

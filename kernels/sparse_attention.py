@@ -117,7 +117,7 @@ def _sparse_attention_kernel(
 
 @triton.jit(do_not_specialize=["NPART"])  # per-batch sizes: one compile (package doc)
 def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
-                  D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * HQ + h) * NPART
@@ -125,8 +125,8 @@ def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
     m = tl.max(tl.load(plse_ptr + row + offs, mask=offs < NPART, other=float("-inf")), axis=0)
     m_ref = tl.where(m > float("-inf"), m, 0.0)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, D)
-    acc = tl.zeros((D,), tl.float32)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
     den = tl.sum(tl.zeros((BLOCK_P,), tl.float32), axis=0)
     for p0 in range(0, NPART, BLOCK_P):
         ok = p0 + offs_p < NPART
@@ -165,16 +165,24 @@ def sparse_attention(
     )
 
 
+MERGE_BLOCK_D = 32  # dims per merge program: D / 32 programs per head share its partials' reads
+
+
 def merge_constexprs(num_parts: int, head_dim: int) -> dict:
     """The merge kernel's compile-time arguments for ``num_parts`` partials per head."""
     npp = triton.next_power_of_2(num_parts)
-    # few, wide iterations: a [BLOCK_P, D] fp32 tile of 8K elements (64 registers a thread at 4 warps)
-    return dict(D=head_dim, NPP=npp, BLOCK_P=min(8192 // head_dim, npp))
+    block_d = min(MERGE_BLOCK_D, head_dim)
+    # few, wide iterations: a [BLOCK_P, BLOCK_D] fp32 tile of up to 8K elements (64 registers a thread at 4 warps)
+    return dict(D=head_dim, BLOCK_D=block_d, NPP=npp, BLOCK_P=min(8192 // block_d, npp))
 
 
 def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, num_parts: int) -> None:
-    """``out [B, Hq, D]`` = the log-sum-exp weighted mean of each head's ``num_parts`` partials."""
+    """``out [B, Hq, D]`` = the log-sum-exp weighted mean of each head's ``num_parts`` partials.
+
+    Split over the head dimension as well as the heads: at batch 1 one program per head left most
+    of the GPU idle while it walked its partials (6.5 us of a 36 us step at 32K on the 1.5B shape)."""
     bsz, hq, d = out.shape
-    _merge_kernel[(bsz, hq)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts, **merge_constexprs(num_parts, d),
+    consts = merge_constexprs(num_parts, d)
+    _merge_kernel[(bsz, hq, d // consts["BLOCK_D"])](
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts, **consts,
     )
