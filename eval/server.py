@@ -549,6 +549,9 @@ def server_for(args, backend_kind: str, index: int, top_p: float | None = None, 
         extra_args += shlex.split(args.rabitq_args)
     log_dir = Path(args.log_dir) if args.log_dir else Path(args.out).parent / "logs"
     tag = backend_kind + (f"-p{top_p}" if top_p is not None else "")
+    if backend_kind == "rabitq" and "--rabitq-score-temperature" in extra_args:  # the last one given wins
+        i = len(extra_args) - 1 - extra_args[::-1].index("--rabitq-score-temperature")
+        tag += f"-t{extra_args[i + 1]}" if i + 1 < len(extra_args) else ""
     env = dict(env or {})
     if backend_kind == "rabitq":  # counters exported every second (not every 10 s); snapshot() waits for them
         env["SGLANG_RABITQ_LOG_EVERY_S"] = os.environ.get("SGLANG_RABITQ_LOG_EVERY_S", str(METRICS_EVERY_S))
