@@ -1,9 +1,11 @@
 """Triton kernels of RaBitQ decode, each beside its plain-torch reference in sglang_rabitq.reference.
 
 Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
-``prepare_query`` (rotate + INT4 + bit-planes) -> ``score_chunks`` (estimate once, fp16 logits to the
-workspace, chunk max + histogram) -> ``top_p_threshold`` (per query head) -> ``sparse_attention``
-(select, compact, exact attention, split over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill and lazily in decode.
+``prepare_query`` (rotate + INT4 + bit-planes, and the lazy encode of keys that left the window) ->
+``score_chunks`` (estimate once, fp16 logits to the workspace, chunk max + histogram) ->
+``top_p_threshold`` (per query head) -> ``sparse_attention`` (select, compact, exact attention, split
+over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill (and in decode for layers
+that attend densely).
 ``plan_decode`` plans each decode batch (once, before the layers run) in one launch.
 
 Integer arguments that change from batch to batch (batch size, chunk count, slot count) are marked
