@@ -29,7 +29,7 @@ NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens
 SCORE_BLOCK_N = 128  # tokens per inner block of the estimate
 HIST_BLOCK_N = 512  # logits per inner block of the histogram
 # groups of more query heads than this histogram all heads of a block together (their loads in
-# flight at once, 26 % fewer instructions per head in the SASS): score pass 6-18 % faster on the
+# flight at once, 26 % fewer instructions per head in the SASS): score pass 4-18 % faster on the
 # Qwen2.5 shapes (6-7 heads), but 1-5 % slower on the Llama shape (4 heads) at batch 16
 # (ab_step-merge-hist-ungated.md), which keeps one head at a time (ab_step-merge-hist.md)
 HEADS_AT_ONCE_FROM = tl.constexpr(4)
