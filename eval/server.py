@@ -538,6 +538,18 @@ def apply_quick(ap: argparse.ArgumentParser, args, quick: dict) -> None:
                 setattr(args, k, v)
 
 
+def flag_value(args: str | list[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line, a string or its words (``--flag V`` or ``--flag=V``;
+    the last one given, as argparse takes it)."""
+    value, words = None, shlex.split(args) if isinstance(args, str) else args
+    for i, w in enumerate(words):
+        if w == flag and i + 1 < len(words):
+            value = words[i + 1]
+        elif w.startswith(flag + "="):
+            value = w.split("=", 1)[1]
+    return value
+
+
 def server_for(args, backend_kind: str, index: int, top_p: float | None = None, context_length=None,
                extra: list[str] | None = None, env: dict | None = None) -> Server:
     """The index-th server of a driver run: ``backend_kind`` is "dense" or "rabitq"."""
@@ -549,9 +561,8 @@ def server_for(args, backend_kind: str, index: int, top_p: float | None = None, 
         extra_args += shlex.split(args.rabitq_args)
     log_dir = Path(args.log_dir) if args.log_dir else Path(args.out).parent / "logs"
     tag = backend_kind + (f"-p{top_p}" if top_p is not None else "")
-    if backend_kind == "rabitq" and "--rabitq-score-temperature" in extra_args:  # the last one given wins
-        i = len(extra_args) - 1 - extra_args[::-1].index("--rabitq-score-temperature")
-        tag += f"-t{extra_args[i + 1]}" if i + 1 < len(extra_args) else ""
+    temp = flag_value(extra_args, "--rabitq-score-temperature") if backend_kind == "rabitq" else None
+    tag += f"-t{temp}" if temp is not None else ""
     env = dict(env or {})
     if backend_kind == "rabitq":  # counters exported every second (not every 10 s); snapshot() waits for them
         env["SGLANG_RABITQ_LOG_EVERY_S"] = os.environ.get("SGLANG_RABITQ_LOG_EVERY_S", str(METRICS_EVERY_S))

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.accuracy import config_key, config_name, config_order, mean_score_budget  # noqa: E402
-from eval.server import RESULTS, write_json  # noqa: E402
+from eval.server import RESULTS, flag_value, write_json  # noqa: E402
 from sglang_rabitq.config import RaBitQConfig  # noqa: E402
 
 PREFIX_KEYS = ("agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms")
@@ -36,17 +35,6 @@ def _joined(sources: list[dict], key: str) -> str:
     models are merged, and the header must not name just one of them."""
     seen = list(dict.fromkeys(str(d[key]) for d in sources if d.get(key)))
     return ", ".join(seen) or "unknown"
-
-
-def flag_value(args: str, flag: str) -> str | None:
-    """The value of ``flag`` in a command-line string (``--flag V`` or ``--flag=V``; the last one given)."""
-    value, words = None, shlex.split(args)
-    for i, w in enumerate(words):
-        if w == flag and i + 1 < len(words):
-            value = words[i + 1]
-        elif w.startswith(flag + "="):
-            value = w.split("=", 1)[1]
-    return value
 
 
 def speed_model(result: dict, row: dict) -> str:

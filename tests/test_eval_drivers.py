@@ -446,18 +446,19 @@ if __name__ != "__main__":
         assert data["runs"]["dense"]["skipped"][0]["context"] == 16384  # 4 x 16K > 50K fake pool
         assert data["rows"] == []
 
+    def test_rabitq_server_logs_are_named_by_top_p_and_score_temperature(tmp_path):
+        """Two servers of one run at the same top-p but different score temperatures get different logs."""
+        from eval import server as S
+
+        ap = argparse.ArgumentParser()
+        S.add_server_args(ap)
+        args = ap.parse_args(["--model", "m", "--out", str(tmp_path / "acc.json"), "--rabitq-args=--rabitq-center none"])
+        names = [S.server_for(args, "rabitq", i, 0.8, extra=extra).log_path.name
+                 for i, extra in enumerate([["--rabitq-score-temperature", "0.8"], ["--rabitq-score-temperature", "1.0"], []])]
+        assert names == ["acc-0-rabitq-p0.8-t0.8.log", "acc-1-rabitq-p0.8-t1.0.log", "acc-2-rabitq-p0.8.log"]
+        assert S.server_for(args, "dense", 3).log_path.name == "acc-3-dense.log"
+
+
 if __name__ == "__main__":
     serve()
 
-
-def test_rabitq_server_logs_are_named_by_top_p_and_score_temperature(tmp_path):
-    """Two servers of one run at the same top-p but different score temperatures get different logs."""
-    from eval import server as S
-
-    ap = argparse.ArgumentParser()
-    S.add_server_args(ap)
-    args = ap.parse_args(["--model", "m", "--out", str(tmp_path / "acc.json"), "--rabitq-args=--rabitq-center none"])
-    names = [S.server_for(args, "rabitq", i, 0.8, extra=extra).log_path.name
-             for i, extra in enumerate([["--rabitq-score-temperature", "0.8"], ["--rabitq-score-temperature", "1.0"], []])]
-    assert names == ["acc-0-rabitq-p0.8-t0.8.log", "acc-1-rabitq-p0.8-t1.0.log", "acc-2-rabitq-p0.8.log"]
-    assert S.server_for(args, "dense", 3).log_path.name == "acc-3-dense.log"
