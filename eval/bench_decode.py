@@ -11,7 +11,9 @@ Decode speed is taken in the window where all b requests are decoding (after the
 the first finish). Also: single-request prefill time per context (rabitq - dense = encode overhead).
 Amdahl reference: speedup(ctx) = rabitq_tok_s / dense_tok_s next to limit(ctx) = dense_tpot(ctx)/dense_tpot(1K),
 the speedup if attention over ctx tokens cost what it costs at 1K. Writes eval/results/speed.json.
-Random weights (--dummy) measure speed only: their attention is near uniform, so the budget means nothing.
+Random weights (--dummy) measure speed only, and only at a 100 % budget: SGLang's dummy weights (uniform in
++-1e-3) make every estimated logit round to the same fp16 value, and a threshold keeps tied tokens together,
+so rabitq attends every token whatever its top-p or --rabitq-max-budget.
 """
 
 from __future__ import annotations

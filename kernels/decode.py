@@ -131,6 +131,7 @@ def rabitq_decode_layer(
     rot: torch.Tensor, req_to_token: torch.Tensor, ws: DecodeWorkspace, out: torch.Tensor,
     *, sm_scale: float, top_p: float, dense: bool = False, rounding: str = "nearest", score_temperature: float = 1.0,
     top_p_scope: str = "scored", center: torch.Tensor | None = None, pending: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` for the batch planned in ``ws.plan``; writes ``out [B, Hq, D]``.
 
@@ -139,6 +140,7 @@ def rabitq_decode_layer(
     attention itself uses ``sm_scale``. ``top_p_scope`` and ``center`` (the codes' key centre,
     ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``. ``pending [B * chunk]``: this step's
     lazy-encode slots (``prepare_query``; -1 for none), encoded into ``codes`` and ``factor`` on the way.
+    ``max_budget``: each query head keeps at most about this fraction of the scored tokens.
     """
     check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     bsz, hq, _ = q.shape
@@ -156,7 +158,7 @@ def rabitq_decode_layer(
                       plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor)
         score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      score_scale, k_buf.shape[1], nc)
-        top_p_threshold(ws.stats, thr, top_p, nc, prior)
+        top_p_threshold(ws.stats, thr, top_p, nc, prior, max_budget)
     sparse_attention(q, k_buf, v_buf, ws.logits, ws.index, req_to_token, plan, thr,
                      ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)

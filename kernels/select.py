@@ -1,6 +1,7 @@
 """Top-p threshold per (request, query head) from the chunks' histograms: no sort, no host sync
 (reference: ``hist_threshold``; the crossing-bin rule is ``crossing_threshold``). With ``prior_lse``
-the sink and window's mass counts towards p (top-p over the whole context)."""
+the sink and window's mass counts towards p (top-p over the whole context); ``max_budget`` < 1 caps
+each head's set at about that fraction of its tokens (reference: ``cap_threshold``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 
 @triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _threshold_kernel(
-    cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, prior_ptr, top_p, HQ, NC,
+    cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, prior_ptr, top_p, max_budget, HQ, NC,
     NCP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
-    PRIOR: tl.constexpr,
+    PRIOR: tl.constexpr, CAP: tl.constexpr,
 ):
     row = tl.program_id(0) * HQ + tl.program_id(1)
     base = row * NC
@@ -61,7 +62,21 @@ def _threshold_kernel(
     thr = tl.minimum(tl.where(small, lo, interp), m0)  # the arg-max is always kept
     # -inf keeps every token: p = 1 or an empty region
     found = any_live & (k < NB) & (top_p < 1.0)
-    tl.store(thr_ptr + row, tl.where(found, thr, float("-inf")))
+    thr = tl.where(found, thr, float("-inf"))
+    if CAP:
+        # the count cap: the bin where the tokens counted from the top reach ceil(max_budget * n),
+        # and inside it the logit above which that many lie if its tokens are spread evenly
+        ccum = tl.cumsum(count, axis=0)
+        want = tl.ceil(max_budget * tl.sum(count, axis=0).to(tl.float32))
+        kc = tl.min(tl.where(ccum.to(tl.float32) >= want, offs_j, NB), axis=0)
+        at_kc = offs_j == kc
+        kc_count = tl.sum(tl.where(at_kc, count, 0), axis=0)
+        kc_above = tl.sum(tl.where(at_kc, ccum, 0), axis=0) - kc_count
+        lo_c = (top - kc).to(tl.float32) * BIN_W
+        frac_c = (want - kc_above.to(tl.float32)) / tl.maximum(kc_count, 1).to(tl.float32)
+        thr_c = tl.minimum(tl.where(kc_count <= SMALL, lo_c, lo_c + BIN_W * (1.0 - frac_c)), m0)
+        thr = tl.where(any_live, tl.maximum(thr, thr_c), thr)
+    tl.store(thr_ptr + row, thr)
 
 
 def threshold_constexprs(num_chunks: int) -> dict:
@@ -72,12 +87,14 @@ def threshold_constexprs(num_chunks: int) -> dict:
 
 
 def top_p_threshold(
-    stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int, prior_lse: torch.Tensor | None = None
+    stats: ChunkStats, thr: torch.Tensor, top_p: float, num_chunks: int, prior_lse: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> None:
     """``thr [B, Hq]`` float32: per query head the lowest estimated logit that is kept.
     ``prior_lse [B, Hq]``: log-mass of the always-attended tokens (``prepare_query``), or None."""
     bsz, hq = thr.shape
     _threshold_kernel[(bsz, hq)](
-        stats.max, stats.top, stats.count, thr, thr if prior_lse is None else prior_lse, float(top_p), hq, num_chunks,
-        PRIOR=prior_lse is not None, **threshold_constexprs(num_chunks),
+        stats.max, stats.top, stats.count, thr, thr if prior_lse is None else prior_lse, float(top_p),
+        float(max_budget), hq, num_chunks,
+        PRIOR=prior_lse is not None, CAP=max_budget < 1.0, **threshold_constexprs(num_chunks),
     )

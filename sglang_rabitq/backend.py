@@ -158,7 +158,7 @@ class RaBitQAttnBackend(AttentionBackend):
         return out
 
     def _attends_densely(self, layer_id: int) -> bool:
-        return not self.pool.is_sparse(layer_id) or self.config.top_p >= 1.0
+        return not self.pool.is_sparse(layer_id) or (self.config.top_p >= 1.0 and self.config.max_budget >= 1.0)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         lid = layer.layer_id
@@ -182,7 +182,8 @@ class RaBitQAttnBackend(AttentionBackend):
             rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                                 sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
                                 rounding=self.config.rounding, score_temperature=self.config.score_temperature,
-                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid], pending=pending)
+                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid], pending=pending,
+                                max_budget=self.config.max_budget)
             out = out.view(bsz, self.num_q_heads * self.head_dim)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
-from sglang_rabitq.validation import check_choice, check_non_negative, check_top_p
+from sglang_rabitq.validation import check_choice, check_max_budget, check_non_negative, check_top_p
 
 CENTER_MODES = ("none", "calibrate")
 ROUNDING_MODES = ("nearest", "random")
@@ -18,6 +18,8 @@ class RaBitQConfig:
     # p of the scored region's estimated mass, or of the whole context's (the sink and window's exact
     # mass counts): on SmolLM2 the two keep equal true mass within 6 % of K/V budget (fidelity-scope.md)
     top_p_scope: str = "scored"
+    # at most this fraction of the scored tokens per query head: bounds the work of flat heads
+    max_budget: float = 1.0
     sink: int = 64  # first tokens always attended
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
     dense_layers: int = 2  # first layers attend densely
@@ -31,6 +33,7 @@ class RaBitQConfig:
 
     def __post_init__(self) -> None:
         check_top_p(self.top_p)
+        check_max_budget(self.max_budget)
         if not (0.0 < float(self.score_temperature) <= 4.0):
             raise ValueError(f"score_temperature must be in (0, 4], got {self.score_temperature}")
         check_non_negative(

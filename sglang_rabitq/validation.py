@@ -17,6 +17,11 @@ def check_top_p(p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
 
 
+def check_max_budget(fraction: float) -> None:
+    if not (0.0 < float(fraction) <= 1.0):
+        raise ValueError(f"max_budget must be in (0, 1], got {fraction}")
+
+
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

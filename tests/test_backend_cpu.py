@@ -3,6 +3,7 @@
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -282,6 +283,27 @@ def test_top_p_one_decodes_like_dense_attention():
     ours = b.forward(q, k, v, layer, fb)
     dense = d.forward(q, k, v, layer, fb, save_kv_cache=False)
     assert torch.allclose(ours.float(), dense.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_max_budget_caps_the_set_even_at_top_p_one():
+    h = Harness()
+    cfg = dataclasses.replace(CFG, top_p=1.0, max_budget=0.1)
+    b = make(h, cfg)
+    row, _ = prefill(h, b, list(range(400)))
+    enc = int(b.pool.encoded_len[row])
+    q, out = decode(h, b, row, 400)[2]
+    ref, attended = rabitq_decode(
+        q.view(1, 4, 64).float(), h.kv_pool.get_key_buffer(2), h.kv_pool.get_value_buffer(2),
+        b.pool.codes[2], b.pool.factor[2], b.pool.rot[2], h.req_pool.req_to_token,
+        torch.tensor([row]), torch.tensor([401]), torch.tensor([enc]),
+        top_p=1.0, sink=cfg.sink, window=cfg.window, sm_scale=64**-0.5,
+        score_temperature=cfg.score_temperature, center=b.pool.center[2], max_budget=0.1,
+    )
+    assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
+    # a kv-head attends the union of its query heads' capped sets, plus the sink and window
+    scored = 401 - cfg.sink - cfg.window
+    for kept in attended[0]:
+        assert len(kept) - (401 - scored) <= 2 * math.ceil(0.1 * scored) + 2 * 16
 
 
 @pytest.mark.parametrize(

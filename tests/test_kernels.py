@@ -161,9 +161,9 @@ def _ref_logits(batch, b, h_kv, group, q_u, delta, qmin, sink, window, sm_scale)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (3, 1, 64)])
-@pytest.mark.parametrize("top_p", [0.8, 0.95])
+@pytest.mark.parametrize("top_p,max_budget", [(0.8, 1.0), (0.95, 1.0), (0.95, 0.05), (1.0, 0.2)])
 @pytest.mark.parametrize("nc", [3, 130])  # 130: more chunks than the threshold merges per load, many empty
-def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
+def test_score_and_threshold_match_reference(hq, hkv, d, top_p, max_budget, nc, fresh_seed):
     lens = [3000, 900, 200] if ON_GPU else [700, 300, 90]
     batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
     sink, window, sm = 16, 16, d**-0.5
@@ -176,7 +176,7 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
                         float("nan"), dtype=torch.float16, device=DEVICE)  # poisoned
     score_chunks(qbits, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, sm, hkv, nc)
     thr = torch.full((len(lens), hq), float("nan"), device=DEVICE)
-    top_p_threshold(stats, thr, top_p, nc)
+    top_p_threshold(stats, thr, top_p, nc, max_budget=max_budget)
     group = hq // hkv
     stored = stored.cpu().double()
     for b in range(len(lens)):
@@ -205,7 +205,7 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, nc, fresh_seed):
                 for g in range(group):
                     ref_count = torch.bincount(k[g][k[g] < HIST_BINS], minlength=HIST_BINS)
                     assert torch.equal(got_count[g], ref_count), (b, h, c, g)
-            ref_thr = hist_threshold(logits, top_p)
+            ref_thr = hist_threshold(logits, top_p, max_budget=max_budget)
             got_thr = thr[b, h * group : (h + 1) * group].cpu().double()
             # same threshold, or the same kept set (a float-rounding move inside a gap)
             for g in range(group):
@@ -233,7 +233,7 @@ def test_merge_is_the_log_sum_exp_mean_of_the_partials(d, num_parts, fresh_seed)
     assert (out[1, 2] == 0).all()
 
 
-def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept, scope="context"):
+def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kept, scope="context", max_budget=1.0):
     """Stage by stage, on what a decode launch left in its workspace: the sink/window mass (top-p
     over the context), the stored logits are the estimates, the thresholds are the histogram rule's
     on them, and the attended counts are the tokens at or above a threshold of the group plus the
@@ -258,7 +258,7 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
             got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
             exact = _ref_logits(batch, b, h, group, q_u, delta, qmin, sink, window, score_scale)
             assert torch.allclose(got, exact, rtol=1e-3, atol=1e-3), ("stored logits", b, h)
-            ref_thr = hist_threshold(got, top_p, prior_lse=prior)
+            ref_thr = hist_threshold(got, top_p, prior_lse=prior, max_budget=max_budget)
             for g, qh in enumerate(heads):
                 same_set = torch.equal(got[g] >= thr[b, qh], got[g] >= ref_thr[g])
                 assert same_set, ("threshold", b, h, g, float(thr[b, qh]), float(ref_thr[g]))
@@ -266,11 +266,12 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
             assert int(kept[b, h]) == int(selected) + length - (score_end - sink_end), ("compaction", b, h)
 
 
-@pytest.mark.parametrize("hq,hkv,d,temperature,scope", [
-    (4, 2, 64, 1.0, "context"), (8, 1, 128, 0.6, "context"), (14, 2, 64, 0.6, "context"), (4, 2, 64, 1.0, "scored"),
+@pytest.mark.parametrize("hq,hkv,d,temperature,scope,max_budget", [
+    (4, 2, 64, 1.0, "context", 1.0), (8, 1, 128, 0.6, "context", 1.0), (14, 2, 64, 0.6, "context", 1.0),
+    (4, 2, 64, 1.0, "scored", 1.0), (8, 2, 64, 1.0, "scored", 0.05),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, dtype, fresh_seed):
+def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, max_budget, dtype, fresh_seed):
     lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
     encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]  # request 0 has a lazy (unencoded) tail
     batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed, centred=True)
@@ -280,7 +281,7 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, dtype, f
     out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=dtype)
     rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
                         batch.req_to_token, ws, out, sm_scale=sm, top_p=top_p, score_temperature=temperature,
-                        top_p_scope=scope, center=batch.center)
+                        top_p_scope=scope, center=batch.center, max_budget=max_budget)
     cpu = {k: v.cpu() for k, v in vars(batch).items()}
     # the reference selects from the kernel's INT4 query (test_prepare_query_matches_reference checks
     # it): a level that rounds the other way on a .5 edge shifts every estimate and can move a bin
@@ -289,10 +290,10 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, dtype, f
     ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
                                   cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
                                   top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature,
-                                  query=query, top_p_scope=scope, center=cpu["center"])
+                                  query=query, top_p_scope=scope, center=cpu["center"], max_budget=max_budget)
     assert not out.isnan().any()
     kept = ws.kept_tokens(len(lens)).cpu()
-    _check_decode_stages(batch, ws, query, sink, window, sm * temperature, top_p, kept, scope)
+    _check_decode_stages(batch, ws, query, sink, window, sm * temperature, top_p, kept, scope, max_budget)
     for b in range(len(lens)):
         for h in range(hkv):
             n_ref = len(attended[b][h])

@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from sglang_rabitq.reference import top_p_mask, top_p_mask_hist
 from sglang_rabitq.reference.decode import decode_regions
+from sglang_rabitq.reference.select import BIN_WIDTH
 
 
 def minimal_set_size(logits: torch.Tensor, p: float) -> int:
@@ -104,6 +107,50 @@ def test_hist_selection_is_a_near_minimal_superset(p, scale, fresh_seed):
         assert not (exact[r] & ~hist[r]).any() or not (hist[r] & ~exact[r]).any()
         # near-minimal: off by part of one bin (width 1/4) at most
         assert abs(int(hist[r].sum()) - int(exact[r].sum())) <= 0.05 * int(exact[r].sum()) + 16
+
+
+@pytest.mark.parametrize("p", [0.9, 1.0])
+@pytest.mark.parametrize("cap", [0.03, 0.2])
+def test_max_budget_keeps_the_top_of_the_top_p_set(p, cap, fresh_seed):
+    logits = torch.randn(6, 500) * 0.5  # flat: top-p alone keeps most tokens
+    uncapped, capped = top_p_mask(logits, p), top_p_mask(logits, p, max_budget=cap)
+    for r in range(6):
+        assert int(capped[r].sum()) == min(int(uncapped[r].sum()), math.ceil(cap * 500))
+        assert not (capped[r] & ~uncapped[r]).any()
+        assert logits[r][capped[r]].min() >= logits[r][uncapped[r] & ~capped[r]].max()
+    assert torch.equal(top_p_mask(logits, p, max_budget=1.0), uncapped)
+
+
+@pytest.mark.parametrize("p", [0.9, 1.0])
+@pytest.mark.parametrize("cap", [0.03, 0.2])
+@pytest.mark.parametrize("scale", [0.3, 2.0])
+def test_hist_max_budget_cuts_inside_the_bin_of_the_capth_token(p, cap, scale, fresh_seed):
+    logits = torch.randn(8, 4000) * scale
+    hist, capped = top_p_mask_hist(logits, p), top_p_mask_hist(logits, p, max_budget=cap)
+    want = math.ceil(cap * 4000)
+    for r in range(8):
+        assert capped[r][logits[r].argmax()]
+        assert not (capped[r] & ~hist[r]).any()  # a higher threshold: a subset
+        if int(hist[r].sum()) <= want:
+            assert torch.equal(capped[r], hist[r])
+            continue
+        # every token of a bin above the want-th largest token's is kept, none of a bin below
+        bins = torch.floor(logits[r].double() / BIN_WIDTH)
+        edge = bins.sort(descending=True).values[want - 1]
+        assert capped[r][bins > edge].all() and not capped[r][bins < edge].any()
+
+
+def test_hist_max_budget_keeps_the_cap_where_logits_spread_evenly():
+    logits = torch.linspace(0.0, 4.0, 8000).view(1, -1)  # 500 tokens per bin, spread evenly
+    for cap in (0.05, 0.1, 0.3):
+        kept = int(top_p_mask_hist(logits, 1.0, max_budget=cap).sum())
+        assert abs(kept - math.ceil(cap * 8000)) <= 2, (cap, kept)
+
+
+def test_max_budget_outside_its_range_is_refused():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="max_budget"):
+            top_p_mask(torch.zeros(1, 4), 0.9, max_budget=bad)
 
 
 def test_hist_selection_keeps_argmax_and_mass_on_far_tail():

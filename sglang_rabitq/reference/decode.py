@@ -69,6 +69,7 @@ def rabitq_decode(
     query: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     top_p_scope: str = "scored",
     center: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """Returns ``out [B, Hq, D]`` float32 and, per request and kv-head, the attended slots (sorted).
 
@@ -79,6 +80,7 @@ def rabitq_decode(
     in place of ``quantize_query(q, rot)`` (a kernel's rotation sums in another order, so a value on a
     rounding edge can take the other INT4 level, which moves every estimate a little).
     ``center [Hkv, D]``: the keys' centre the codes were encoded with (None: zero).
+    ``max_budget``: each query head keeps at most about this fraction of the scored tokens (``select``).
     """
     check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
@@ -117,7 +119,7 @@ def rabitq_decode(
                     # the histogram's bins, and so the set, move when a logit crosses a bin edge:
                     # select from the values the kernels select from
                     logits = logits.to(LOGIT_STORAGE_DTYPE)
-                chosen = scored[select(logits, top_p, prior_lse=prior).any(0)]
+                chosen = scored[select(logits, top_p, prior_lse=prior, max_budget=max_budget).any(0)]
             per_head.append(torch.sort(torch.cat([always, chosen])).values)
         out[b] = sparse_decode_attention(q[b], k_buf, v_buf, per_head, sm_scale)
         attended.append(per_head)

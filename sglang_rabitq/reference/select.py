@@ -15,6 +15,14 @@ as if its mass were spread evenly in logit, except that a bin of at most ``SMALL
 kept whole (with few tokens the even-spread guess can cut off most of the bin's mass). The
 threshold never exceeds the maximum, so the arg-max is always kept. Tokens more than
 ``HIST_BINS * BIN_WIDTH`` below the maximum (mass under ``exp(-16)`` each) are never kept.
+
+``max_budget`` (< 1) caps a row's set at about that fraction of its tokens: the exact rule keeps the
+first ``ceil(max_budget * n)`` of the top-p set in descending order (``n`` finite logits); the
+histogram rule raises its threshold to the bin where the count from the top reaches
+``ceil(max_budget * n)`` (``n`` the binned tokens), interpolated as if that bin's tokens were spread
+evenly in logit (a bin of at most ``SMALL_BIN`` tokens is kept whole). A cap bounds the work of a
+head whose estimated attention is flat, where top-p alone keeps nearly everything. A threshold keeps
+tied logits together: a row whose stored logits are all equal keeps every token under any cap.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import math
 
 import torch
 
-from sglang_rabitq.validation import check_top_p
+from sglang_rabitq.validation import check_max_budget, check_top_p
 
 BIN_WIDTH = 0.25  # logit units per bin
 HIST_BINS = 64  # bins counted down from the maximum's: 16 logit units
@@ -47,14 +55,21 @@ def _prior_mass(x: torch.Tensor, prior_lse: torch.Tensor | None) -> torch.Tensor
     return torch.where(torch.isfinite(lse), rel, 0.0)[:, None]
 
 
+def cap_count(max_budget: float, n: int) -> int:
+    """Tokens a row of ``n`` keeps at most under ``max_budget``: ``ceil`` in float32, as the kernel."""
+    return math.ceil(float(torch.tensor(max_budget, dtype=torch.float32) * torch.tensor(float(n), dtype=torch.float32)))
+
+
 def top_p_mask(
-    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> torch.Tensor:
-    """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum)."""
+    """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum), capped by ``max_budget``."""
     check_top_p(p)
+    check_max_budget(max_budget)
     x = _masked_logits(logits, valid)
     has_any = torch.isfinite(x).any(-1, keepdim=True)
-    if p >= 1.0:
+    if p >= 1.0 and max_budget >= 1.0:
         return torch.isfinite(x) & has_any
     # stable descending sort: among equal logits the lower index comes first
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
@@ -63,7 +78,12 @@ def top_p_mask(
     prior = _prior_mass(x, prior_lse)
     # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
     keep_sorted = (p - before > (1.0 - p) * prior) & torch.isfinite(torch.gather(x, -1, order))
+    if p >= 1.0:
+        keep_sorted = torch.isfinite(torch.gather(x, -1, order))
     keep_sorted[:, 0] |= has_any[:, 0]  # the arg-max
+    if max_budget < 1.0:
+        for r in range(x.shape[0]):
+            keep_sorted[r, cap_count(max_budget, int(torch.isfinite(x[r]).sum())):] = False
     mask = torch.zeros_like(keep_sorted)
     mask.scatter_(-1, order, keep_sorted)
     return mask & has_any
@@ -85,15 +105,27 @@ def crossing_threshold(
     return min(m + math.log(e_hi - frac * (e_hi - e_lo)), m)
 
 
+def cap_threshold(top_bin: int, k: int, count_above: int, bin_count: int, want: int, m: float) -> float:
+    """Logit threshold inside bin ``k`` (counted down from ``top_bin``) above which about ``want``
+    tokens lie, ``count_above`` of them in the bins above. Shared by the reference and the tests."""
+    lo = (top_bin - k) * BIN_WIDTH
+    if bin_count <= SMALL_BIN:
+        return min(lo, m)
+    frac = (want - count_above) / bin_count  # of the bin's tokens, from its top
+    return min(lo + BIN_WIDTH * (1.0 - frac), m)
+
+
 def hist_threshold(
-    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> torch.Tensor:
     """Per row of ``logits [R, N]``, the logit threshold kept (``-inf`` keeps every token)."""
     check_top_p(p)
+    check_max_budget(max_budget)
     x = _masked_logits(logits, valid)
     prior = None if prior_lse is None else prior_lse.to(torch.float64).cpu()
     out = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
-    if p >= 1.0:
+    if p >= 1.0 and max_budget >= 1.0:
         return out
     for r in range(x.shape[0]):
         row = x[r][torch.isfinite(x[r])]
@@ -111,18 +143,25 @@ def hist_threshold(
         pm = 0.0 if prior is None else math.exp(min(float(prior[r]) - m, 700.0))
         target = p * float(mass.sum()) - (1.0 - p) * pm
         hit = torch.nonzero(cum >= target)
-        if hit.numel():
+        if hit.numel() and p < 1.0:
             kk = int(hit[0])
             out[r] = crossing_threshold(
                 top, kk, float(cum[kk] - mass[kk]), float(mass[kk]), int(count[kk]), target, m
             )
+        if max_budget < 1.0:
+            want = cap_count(max_budget, int(count.sum()))
+            ccum = torch.cumsum(count, 0)
+            kc = int(torch.nonzero(ccum >= want)[0])
+            cap = cap_threshold(top, kc, int(ccum[kc] - count[kc]), int(count[kc]), want, m)
+            out[r] = max(float(out[r]), cap)
     return out
 
 
 def top_p_mask_hist(
-    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None
+    logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
+    max_budget: float = 1.0,
 ) -> torch.Tensor:
     """The kernels' histogram top-p selection, per row of ``logits [R, N]``."""
-    thr = hist_threshold(logits, p, valid, prior_lse).to(logits.device)
+    thr = hist_threshold(logits, p, valid, prior_lse, max_budget).to(logits.device)
     x = _masked_logits(logits, valid)
     return (x >= thr[:, None]) & torch.isfinite(x)
