@@ -366,6 +366,26 @@ def test_a_padding_row_does_not_change_the_other_rows_bits(fresh_seed):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_a_requests_selection_does_not_depend_on_its_batch(fresh_seed):
+    """Alone or among 15 other requests (other chunks: the chunk count follows the batch size), a
+    request keeps the same thresholds and the same tokens; only the split of its attention moves."""
+    hq, hkv, d = 4, 1, 64
+    batch = make_batch([600, 90], hq, hkv, d, DEVICE, seed=fresh_seed)
+    ws = DecodeWorkspace(16, hq, hkv, d, 4096, DEVICE, num_sms=1)  # 5 chunks alone, 1 in a batch of 16
+    got = []
+    for rows in (1, 16):
+        idx = torch.tensor([0] + [1] * (rows - 1), device=DEVICE)
+        ws.plan.fill(batch.req_pool_indices[idx], batch.seq_lens[idx], batch.encoded_lens[idx], 16, 16, ws.num_chunks(rows))
+        out = torch.full((rows, hq, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        rabitq_decode_layer(batch.q[idx], batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                            batch.req_to_token, ws, out, sm_scale=d**-0.5, top_p=0.9)
+        got.append((ws.num_chunks(rows), ws.thr[0].clone(), ws.kept_tokens(rows)[0].clone(), out[0].float()))
+    (nc1, thr1, kept1, out1), (nc16, thr16, kept16, out16) = got
+    assert nc1 != nc16
+    assert torch.equal(thr1, thr16) and torch.equal(kept1, kept16)
+    assert torch.allclose(out1, out16, atol=1e-2, rtol=1e-2)
+
+
 @GPU
 def test_decode_step_replays_in_a_cuda_graph_bit_identically(fresh_seed):
     """Captured once, replayed on a new plan (other lengths, another budget): same bits as eager."""
