@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
-from sglang_rabitq.validation import check_choice, check_max_budget, check_non_negative, check_top_p
+from sglang_rabitq.validation import check_choice, check_fraction, check_non_negative
 
 CENTER_MODES = ("none", "calibrate")
 ROUNDING_MODES = ("nearest", "random")
@@ -32,8 +32,7 @@ class RaBitQConfig:
     seed: int = 0  # seed of the random rotations
 
     def __post_init__(self) -> None:
-        check_top_p(self.top_p)
-        check_max_budget(self.max_budget)
+        check_fraction(top_p=self.top_p, max_budget=self.max_budget)
         if not (0.0 < float(self.score_temperature) <= 4.0):
             raise ValueError(f"score_temperature must be in (0, 4], got {self.score_temperature}")
         check_non_negative(

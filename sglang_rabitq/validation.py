@@ -12,14 +12,11 @@ def check_head_dim(dim: int) -> None:
         )
 
 
-def check_top_p(p: float) -> None:
-    if not (0.0 < float(p) <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
-
-
-def check_max_budget(fraction: float) -> None:
-    if not (0.0 < float(fraction) <= 1.0):
-        raise ValueError(f"max_budget must be in (0, 1], got {fraction}")
+def check_fraction(**values: float) -> None:
+    """Each value in (0, 1]: top-p mass, budget fractions."""
+    for name, v in values.items():
+        if not (0.0 < float(v) <= 1.0):
+            raise ValueError(f"{name} must be in (0, 1], got {v}")
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from sglang_rabitq.validation import check_max_budget, check_top_p
+from sglang_rabitq.validation import check_fraction
 
 BIN_WIDTH = 0.25  # logit units per bin
 HIST_BINS = 64  # bins counted down from the maximum's: 16 logit units
@@ -65,25 +65,26 @@ def top_p_mask(
     max_budget: float = 1.0,
 ) -> torch.Tensor:
     """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum), capped by ``max_budget``."""
-    check_top_p(p)
-    check_max_budget(max_budget)
+    check_fraction(top_p=p, max_budget=max_budget)
     x = _masked_logits(logits, valid)
     has_any = torch.isfinite(x).any(-1, keepdim=True)
     if p >= 1.0 and max_budget >= 1.0:
         return torch.isfinite(x) & has_any
     # stable descending sort: among equal logits the lower index comes first
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
-    probs = torch.softmax(torch.gather(x, -1, order), dim=-1)
-    before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
-    prior = _prior_mass(x, prior_lse)
-    # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
-    keep_sorted = (p - before > (1.0 - p) * prior) & torch.isfinite(torch.gather(x, -1, order))
-    if p >= 1.0:
-        keep_sorted = torch.isfinite(torch.gather(x, -1, order))
+    sorted_x = torch.gather(x, -1, order)
+    finite = torch.isfinite(sorted_x)
+    keep_sorted = finite.clone()
+    if p < 1.0:
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
+        prior = _prior_mass(x, prior_lse)
+        # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
+        keep_sorted &= p - before > (1.0 - p) * prior
     keep_sorted[:, 0] |= has_any[:, 0]  # the arg-max
     if max_budget < 1.0:
         for r in range(x.shape[0]):
-            keep_sorted[r, cap_count(max_budget, int(torch.isfinite(x[r]).sum())):] = False
+            keep_sorted[r, cap_count(max_budget, int(finite[r].sum())):] = False
     mask = torch.zeros_like(keep_sorted)
     mask.scatter_(-1, order, keep_sorted)
     return mask & has_any
@@ -120,8 +121,7 @@ def hist_threshold(
     max_budget: float = 1.0,
 ) -> torch.Tensor:
     """Per row of ``logits [R, N]``, the logit threshold kept (``-inf`` keeps every token)."""
-    check_top_p(p)
-    check_max_budget(max_budget)
+    check_fraction(top_p=p, max_budget=max_budget)
     x = _masked_logits(logits, valid)
     prior = None if prior_lse is None else prior_lse.to(torch.float64).cpu()
     out = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
