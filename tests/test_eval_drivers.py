@@ -462,3 +462,14 @@ if __name__ != "__main__":
 if __name__ == "__main__":
     serve()
 
+
+
+def test_dummy_weights_give_logits_below_fp16_resolution(tmp_path):
+    """Why the Llama dummy shape runs at a 100 % budget: SGLang's own dummy init ties every stored logit."""
+    sys.path.insert(0, str(ROOT))
+    from eval import dummy_logit_scale
+
+    got = dummy_logit_scale.main(["--tokens", "64", "--out", str(tmp_path / "scale.json")])
+    assert got["max_abs_logit"] <= got["max_norm_bound"] < got["fp16_smallest_subnormal"]
+    assert got["distinct_fp16_logits_per_head_max"] == 1
+    assert json.loads((tmp_path / "scale.json").read_text())["tokens"] == 64
