@@ -2,6 +2,7 @@
 
     python eval/bench_decode.py --model /tmp/models/qwen05 --contexts 8192,16384,32768 --batches 1,8,32
     python eval/bench_decode.py --dummy llama8b --contexts 32768,65536 --batches 1,8   # Llama-3.1-8B shape
+    python eval/bench_decode.py --dummy llama8b --dummy-weights normal --rabitq-args="--rabitq-max-budget 0.1" ...
     python eval/bench_decode.py --model /tmp/models/smollm2 --quick
 
 For each backend one server; for each batch b and context (plus the --ref-context reference, 1K): b concurrent
@@ -11,9 +12,10 @@ Decode speed is taken in the window where all b requests are decoding (after the
 the first finish). Also: single-request prefill time per context (rabitq - dense = encode overhead).
 Amdahl reference: speedup(ctx) = rabitq_tok_s / dense_tok_s next to limit(ctx) = dense_tpot(ctx)/dense_tpot(1K),
 the speedup if attention over ctx tokens cost what it costs at 1K. Writes eval/results/speed.json.
-Random weights (--dummy) measure speed only, and only at a 100 % budget: SGLang's dummy weights (uniform in
-+-1e-3) make every estimated logit round to the same fp16 value, and a threshold keeps tied tokens together,
-so rabitq attends every token whatever its top-p or --rabitq-max-budget.
+Random weights (--dummy) measure speed only. SGLang's dummy weights (uniform in +-1e-3, the default) make every
+estimated logit round to the same fp16 value, and a threshold keeps tied tokens together, so rabitq attends every
+token whatever its top-p or --rabitq-max-budget. ``--dummy-weights normal`` writes a checkpoint of N(0, 0.02)
+weights instead (eval/random_checkpoint.py): logits spread over a few units, so --rabitq-max-budget sets the budget.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ LLAMA_8B = {
     "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
     "initializer_range": 0.02, "use_cache": True,
 }
-DUMMY = {"llama8b": ("Llama-3.1-8B (dummy weights)", LLAMA_8B)}
+DUMMY = {"llama8b": ("Llama-3.1-8B", LLAMA_8B)}
+DUMMY_WEIGHTS = {"sglang": "dummy weights", "normal": "random N(0, 0.02) weights"}
 
 
 def write_model_config(folder: str | Path, config: dict = LLAMA_8B) -> Path:
@@ -160,6 +163,9 @@ def prefill_time(srv, prompts, ctx, reps) -> float | None:
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dummy", choices=sorted(DUMMY), help="random weights of a known shape (config.json only)")
     ap.add_argument("--dummy-dir", default="/tmp/rabitq-dummy-models")
+    ap.add_argument("--dummy-weights", choices=sorted(DUMMY_WEIGHTS), default="sglang",
+                    help="sglang: --load-format dummy (uniform +-1e-3; every logit ties); normal: a written "
+                         "checkpoint of N(0, initializer_range) weights (eval/random_checkpoint.py)")
     ap.add_argument("--prompts", choices=["auto", "text", "random"], default="auto",
                     help="prompt tokens: filler text (auto: when the model has a tokenizer) or random ids")
 
@@ -168,8 +174,16 @@ def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, PromptIds]:
     """(model name, prompt maker); ``--dummy`` writes its config folder and points ``args.model`` at it.
     ``args.prompts``: ``text`` needs the model's tokenizer, ``auto`` uses it when there is one."""
     if args.dummy:
-        name, cfg = DUMMY[args.dummy]
-        args.model = str(write_model_config(Path(args.dummy_dir) / args.dummy, cfg))
+        shape, cfg = DUMMY[args.dummy]
+        weights = getattr(args, "dummy_weights", "sglang")
+        name = f"{shape} ({DUMMY_WEIGHTS[weights]})"
+        folder = Path(args.dummy_dir) / f"{args.dummy}-{weights}"
+        if weights == "normal":
+            from eval.random_checkpoint import write_random_checkpoint
+
+            args.model = str(write_random_checkpoint(folder, cfg, seed=getattr(args, "seed", 0)))
+        else:
+            args.model = str(write_model_config(folder, cfg))
     elif not args.model:
         ap.error("--model or --dummy is required")
     else:
@@ -184,7 +198,9 @@ def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, PromptIds]:
 
 def speed_server(args, kind: str, index: int, ctx_len: int) -> S.Server:
     """A server for speed runs: dummy weights where asked, contexts allowed past the model's window."""
-    extra = ["--load-format", "dummy", "--skip-tokenizer-init"] if args.dummy else []
+    extra = ["--skip-tokenizer-init"] if args.dummy else []
+    if args.dummy and getattr(args, "dummy_weights", "sglang") == "sglang":
+        extra += ["--load-format", "dummy"]
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}  # speed only: contexts may pass the model window
     return S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None, context_length=ctx_len,
                         extra=extra, env=env)

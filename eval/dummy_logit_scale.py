@@ -1,13 +1,15 @@
 """How large are attention logits under SGLang's dummy weights (``--load-format dummy``)? CPU only.
 
     python eval/dummy_logit_scale.py --out eval/results/dummy_logit_scale.json
+    python eval/dummy_logit_scale.py --init normal --out eval/results/dummy_logit_scale-normal.json
 
 Builds the first layer's path to q and k at the Llama-3.1-8B shape (an embedding of 1024 of its rows, the
 input RMSNorm, q and k projections), fills every weight with SGLang's own ``initialize_dummy_weights``
 (uniform in +-1e-3), and reports the largest scaled logit ``|q.k| / sqrt(D)`` and the largest bound
 ``|q||k| / sqrt(D)`` (which also bounds any estimate of it) against fp16's smallest subnormal: below it,
 every logit the kernels store is the same fp16 value, so a threshold keeps every token (RoPE is left out:
-a rotation changes no norm).
+a rotation changes no norm). ``--init normal``: the weights of ``eval/random_checkpoint.py`` instead
+(N(0, 0.02) matrices, unit norm weights), which the Llama-shape speed runs load to get a settable budget.
 """
 
 from __future__ import annotations
@@ -44,12 +46,22 @@ class FirstLayerQK(torch.nn.Module):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--init", choices=["sglang", "normal"], default="sglang",
+                    help="sglang: initialize_dummy_weights; normal: random_checkpoint.random_tensor")
     ap.add_argument("--out", default=str(S.RESULTS / "dummy_logit_scale.json"))
     args = ap.parse_args(argv)
-    from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
-
     model = FirstLayerQK(1024).to(torch.bfloat16)
-    initialize_dummy_weights(model)
+    if args.init == "sglang":
+        from sglang.srt.model_loader.weight_utils import initialize_dummy_weights
+
+        initialize_dummy_weights(model)
+    else:
+        from eval.random_checkpoint import random_tensor
+
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(random_tensor(name, tuple(param.shape), 0.02, gen, param.dtype, "cpu"))
     ids = torch.randint(0, 1024, (args.tokens,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         q, k = (t.float() for t in model(ids))
@@ -62,9 +74,11 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu",
         "torch": torch.__version__,
+        "init": args.init,
         "tokens": args.tokens,
         "max_abs_logit": float(logits.abs().max()),
         "max_norm_bound": float(bound.max()),
+        "logit_std_per_head_mean": float(logits.std(dim=-1).mean()),
         "fp16_smallest_subnormal": float(torch.finfo(torch.float16).smallest_normal * 2**-10),
         "distinct_fp16_logits_per_head_max": int(max(row.half().unique().numel() for row in logits)),
     }

@@ -473,3 +473,55 @@ def test_dummy_weights_give_logits_below_fp16_resolution(tmp_path):
     assert got["max_abs_logit"] <= got["max_norm_bound"] < got["fp16_smallest_subnormal"]
     assert got["distinct_fp16_logits_per_head_max"] == 1
     assert json.loads((tmp_path / "scale.json").read_text())["tokens"] == 64
+
+
+def test_normal_weights_give_spread_logits(tmp_path):
+    """The random checkpoint's scale gives unit-order logits, distinct in fp16: a budget can be set there."""
+    sys.path.insert(0, str(ROOT))
+    from eval import dummy_logit_scale
+
+    got = dummy_logit_scale.main(["--init", "normal", "--tokens", "64", "--out", str(tmp_path / "scale.json")])
+    assert 0.5 < got["logit_std_per_head_mean"] < 5
+    assert got["distinct_fp16_logits_per_head_max"] > 32
+
+
+def test_random_checkpoint_names_and_shapes_are_transformers_llama():
+    """Every parameter of the Llama-3.1-8B shape, by HF name and shape (built on the meta device: no memory)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eval.bench_decode import LLAMA_8B
+    from eval.random_checkpoint import llama_shapes
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8B))
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    shards = llama_shapes(LLAMA_8B)
+    got = {n: s for group in shards["embed"] + shards["layers"] + shards["head"] for n, s in group.items()}
+    assert got == want
+
+
+def test_random_checkpoint_loads_in_transformers(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from eval.bench_decode import LLAMA_8B
+    from eval.random_checkpoint import write_random_checkpoint
+
+    cfg = {**LLAMA_8B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
+    folder = write_random_checkpoint(tmp_path / "m", cfg, seed=3, device="cpu")
+    model, info = LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    sd = model.state_dict()
+    assert torch.equal(sd["model.layers.1.input_layernorm.weight"], torch.ones(64, dtype=sd["model.norm.weight"].dtype))
+    assert abs(sd["model.layers.0.mlp.up_proj.weight"].float().std().item() - 0.02) < 0.002
+    assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], sd["model.layers.1.self_attn.q_proj.weight"])
+    # an existing complete checkpoint of the same config is kept; another config is written anew
+    stamp = (folder / "model-00001-of-00004.safetensors").stat().st_mtime_ns
+    write_random_checkpoint(folder, cfg, seed=3, device="cpu")
+    assert (folder / "model-00001-of-00004.safetensors").stat().st_mtime_ns == stamp
+    write_random_checkpoint(folder, {**cfg, "rms_norm_eps": 1e-6}, seed=3, device="cpu")
+    assert json.loads((folder / "config.json").read_text())["rms_norm_eps"] == 1e-6
