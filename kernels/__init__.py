@@ -3,7 +3,7 @@
 Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
 ``prepare_query`` (rotate + INT4 + bit-planes, and the lazy encode of keys that left the window) ->
 ``score_chunks`` (estimate once, fp16 logits to the workspace, chunk max + histogram) ->
-``top_p_threshold`` (per query head) -> ``sparse_attention`` (select, compact, exact attention, split
+``top_p_threshold`` (per query head) [-> ``cap_union`` with ``--rabitq-max-budget``] -> ``sparse_attention`` (select, compact, exact attention, split
 over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill (and in decode for layers
 that attend densely).
 ``plan_decode`` plans each decode batch (once, before the layers run) in one launch.
@@ -19,12 +19,13 @@ from sglang_rabitq.kernels.encode import encode_slots
 from sglang_rabitq.kernels.plan import plan_decode
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import score_chunks
-from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.select import cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
 
 __all__ = [
     "DecodePlan",
     "DecodeWorkspace",
+    "cap_union",
     "encode_slots",
     "merge_partials",
     "plan_decode",

@@ -14,11 +14,11 @@ import triton
 from sglang_rabitq.kernels.encode import encode_slots
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
-from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.select import cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.reference.plan import plan_rows
-from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE
+from sglang_rabitq.reference.select import HIST_BINS, LOGIT_STORAGE_DTYPE
 from sglang_rabitq.validation import check_choice
 
 BLOCK_N = 64  # tokens per inner block of the attention kernel
@@ -107,6 +107,8 @@ class DecodeWorkspace:
         self.prior = torch.empty(max_bs, num_q_heads, **f32)  # log-mass of each head's sink + window
         self.zero_center = torch.zeros(num_kv_heads, head_dim, **f32)  # a constant: the centre when none is given
         self.stats = ChunkStats(most * num_q_heads, device)
+        self.head_max = torch.empty(max_bs, num_q_heads, **f32)  # for --rabitq-max-budget
+        self.union_count = torch.empty(most * num_kv_heads, HIST_BINS, dtype=torch.int32, device=device)
         self.partial_out = torch.empty(parts * num_q_heads, head_dim, **f32)
         self.partial_lse = torch.empty(parts * num_q_heads, **f32)
         self.kept = torch.zeros(parts * num_kv_heads, dtype=torch.int32, device=device)
@@ -140,7 +142,7 @@ def rabitq_decode_layer(
     attention itself uses ``sm_scale``. ``top_p_scope`` and ``center`` (the codes' key centre,
     ``[Hkv, D]``; None: zero) as in ``reference.rabitq_decode``. ``pending [B * chunk]``: this step's
     lazy-encode slots (``prepare_query``; -1 for none), encoded into ``codes`` and ``factor`` on the way.
-    ``max_budget``: each query head keeps at most about this fraction of the scored tokens.
+    ``max_budget``: each kv-head attends at most about this fraction of its scored tokens (``cap_union``).
     """
     check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
     bsz, hq, _ = q.shape
@@ -158,7 +160,11 @@ def rabitq_decode_layer(
                       plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor)
         score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      score_scale, k_buf.shape[1], nc)
-        top_p_threshold(ws.stats, thr, top_p, nc, prior, max_budget)
+        capped = max_budget < 1.0
+        head_max = ws.head_max[:bsz] if capped else None
+        top_p_threshold(ws.stats, thr, top_p, nc, prior, head_max)
+        if capped:
+            cap_union(ws.logits, plan, thr, head_max, ws.union_count, max_budget, k_buf.shape[1], nc)
     sparse_attention(q, k_buf, v_buf, ws.logits, ws.index, req_to_token, plan, thr,
                      ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)

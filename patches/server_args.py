@@ -27,8 +27,9 @@ def add_rabitq_args(parser) -> None:
                    help="context: p of the whole context's attention mass (the sink and recent window, attended "
                         "exactly, count towards it); scored: p of the mass of the tokens outside them")
     g.add_argument("--rabitq-max-budget", type=float, default=_DEFAULTS.max_budget,
-                   help="each query head keeps at most about this fraction of the scored tokens, in (0, 1]; "
-                        "bounds the decode work where the estimated attention is flat (1: no cap)")
+                   help="each kv-head attends at most about this fraction of its scored tokens (the union of its "
+                        "query heads' top-p sets), in (0, 1]; bounds the decode work where the estimated attention "
+                        "is flat (1: no cap)")
     g.add_argument("--rabitq-sink", type=int, default=_DEFAULTS.sink, help="first tokens always attended")
     g.add_argument("--rabitq-window", type=int, default=_DEFAULTS.window,
                    help="last tokens always attended (plus the not-yet-encoded tail)")

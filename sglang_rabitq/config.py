@@ -18,7 +18,7 @@ class RaBitQConfig:
     # p of the scored region's estimated mass, or of the whole context's (the sink and window's exact
     # mass counts): on SmolLM2 the two keep equal true mass within 6 % of K/V budget (fidelity-scope.md)
     top_p_scope: str = "scored"
-    # at most this fraction of the scored tokens per query head: bounds the work of flat heads
+    # at most this fraction of a kv-head's scored tokens (its query heads' union): bounds the work of flat heads
     max_budget: float = 1.0
     sink: int = 64  # first tokens always attended
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)

@@ -10,7 +10,7 @@ from kernel_cases import make_batch
 from conftest import DEVICE
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, prepare_query, rabitq_decode_layer
 from sglang_rabitq.kernels.score import ChunkStats, score_chunks
-from sglang_rabitq.kernels.select import top_p_threshold
+from sglang_rabitq.kernels.select import cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.reference.decode import dense_region_lse
@@ -20,6 +20,7 @@ from sglang_rabitq.reference import (
     estimate_int,
     hist_threshold,
     quantize_query,
+    union_cap_thresholds,
     query_planes,
     rabitq_decode,
     random_rotation,
@@ -163,7 +164,7 @@ def _ref_logits(batch, b, h_kv, group, q_u, delta, qmin, sink, window, sm_scale)
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 1, 128), (3, 1, 64)])
 @pytest.mark.parametrize("top_p,max_budget", [(0.8, 1.0), (0.95, 1.0), (0.95, 0.05), (1.0, 0.2)])
 @pytest.mark.parametrize("nc", [3, 130])  # 130: more chunks than the threshold merges per load, many empty
-def test_score_and_threshold_match_reference(hq, hkv, d, top_p, max_budget, nc, fresh_seed):
+def test_score_threshold_and_cap_match_reference(hq, hkv, d, top_p, max_budget, nc, fresh_seed):
     lens = [3000, 900, 200] if ON_GPU else [700, 300, 90]
     batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
     sink, window, sm = 16, 16, d**-0.5
@@ -176,8 +177,13 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, max_budget, nc, 
                         float("nan"), dtype=torch.float16, device=DEVICE)  # poisoned
     score_chunks(qbits, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, sm, hkv, nc)
     thr = torch.full((len(lens), hq), float("nan"), device=DEVICE)
-    top_p_threshold(stats, thr, top_p, nc, max_budget=max_budget)
+    head_max = torch.full((len(lens), hq), float("nan"), device=DEVICE)
+    top_p_threshold(stats, thr, top_p, nc, head_max=head_max)
+    top_p_thr = thr.clone()
     group = hq // hkv
+    union_count = torch.full((len(lens) * hkv * nc, HIST_BINS), -7, dtype=torch.int32, device=DEVICE)  # poisoned
+    if max_budget < 1.0:
+        cap_union(stored, plan, thr, head_max, union_count, max_budget, hkv, nc)
     stored = stored.cpu().double()
     for b in range(len(lens)):
         sink_end, score_end, chunk_len, _, work = (int(x) for x in plan[b, 1:6])
@@ -205,12 +211,30 @@ def test_score_and_threshold_match_reference(hq, hkv, d, top_p, max_budget, nc, 
                 for g in range(group):
                     ref_count = torch.bincount(k[g][k[g] < HIST_BINS], minlength=HIST_BINS)
                     assert torch.equal(got_count[g], ref_count), (b, h, c, g)
-            ref_thr = hist_threshold(logits, top_p, max_budget=max_budget)
-            got_thr = thr[b, h * group : (h + 1) * group].cpu().double()
-            # same threshold, or the same kept set (a float-rounding move inside a gap)
-            for g in range(group):
-                same_set = torch.equal(logits[g] >= got_thr[g] - 1e-6, logits[g] >= ref_thr[g])
-                assert same_set or abs(float(got_thr[g] - ref_thr[g])) < 1e-3, (b, h, g, float(got_thr[g]), float(ref_thr[g]))
+            assert torch.equal(head_max[b, h * group : (h + 1) * group].cpu().double(), logits.max(-1).values)
+            ref_thr = hist_threshold(logits, top_p)
+            got_thr = top_p_thr[b, h * group : (h + 1) * group].cpu().double()
+            _assert_same_thresholds(logits, got_thr, ref_thr, (b, h))
+            if max_budget >= 1.0:
+                continue
+            # the cap, from the kernel's own top-p thresholds: per chunk the count of each rank bin ...
+            keep = logits >= got_thr[:, None]
+            rank = torch.where(keep, logits - logits.max(-1, keepdim=True).values, float("-inf")).max(0).values
+            counts = union_count[(b * hkv + h) * nc : (b * hkv + h + 1) * nc].cpu()
+            for c in range(nc):
+                part = rank[c * chunk_len : min((c + 1) * chunk_len, score_end - sink_end)]
+                k = torch.floor(-part[torch.isfinite(part)] / BIN_WIDTH).long()
+                assert torch.equal(counts[c], torch.bincount(k[k < HIST_BINS], minlength=HIST_BINS)), (b, h, c)
+            # ... and the raised thresholds
+            ref_cap = union_cap_thresholds(logits, got_thr, max_budget, n=score_end - sink_end)
+            _assert_same_thresholds(logits, thr[b, h * group : (h + 1) * group].cpu().double(), ref_cap, (b, h, "cap"))
+
+
+def _assert_same_thresholds(logits, got_thr, ref_thr, where):
+    """Same threshold per head, or the same kept set (a float-rounding move inside a gap)."""
+    for g in range(logits.shape[0]):
+        same_set = torch.equal(logits[g] >= got_thr[g] - 1e-6, logits[g] >= ref_thr[g])
+        assert same_set or abs(float(got_thr[g] - ref_thr[g])) < 1e-3, (*where, g, float(got_thr[g]), float(ref_thr[g]))
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -258,7 +282,9 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
             got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
             exact = _ref_logits(batch, b, h, group, q_u, delta, qmin, sink, window, score_scale)
             assert torch.allclose(got, exact, rtol=1e-3, atol=1e-3), ("stored logits", b, h)
-            ref_thr = hist_threshold(got, top_p, prior_lse=prior, max_budget=max_budget)
+            ref_thr = hist_threshold(got, top_p, prior_lse=prior)
+            if max_budget < 1.0:
+                ref_thr = union_cap_thresholds(got, ref_thr, max_budget, n=score_end - sink_end)
             for g, qh in enumerate(heads):
                 same_set = torch.equal(got[g] >= thr[b, qh], got[g] >= ref_thr[g])
                 assert same_set, ("threshold", b, h, g, float(thr[b, qh]), float(ref_thr[g]))

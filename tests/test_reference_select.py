@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sglang_rabitq.reference import top_p_mask, top_p_mask_hist
+from sglang_rabitq.reference import hist_threshold, top_p_mask, top_p_mask_hist, union_cap_mask, union_cap_thresholds
 from sglang_rabitq.reference.decode import decode_regions
 from sglang_rabitq.reference.select import BIN_WIDTH
 
@@ -109,48 +109,70 @@ def test_hist_selection_is_a_near_minimal_superset(p, scale, fresh_seed):
         assert abs(int(hist[r].sum()) - int(exact[r].sum())) <= 0.05 * int(exact[r].sum()) + 16
 
 
+def _rank(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per token, the best ``x_h - max_h`` over the heads that keep it (-inf: none does)."""
+    x = logits.double()
+    rel = torch.where(keep, x - x.max(-1, keepdim=True).values, float("-inf"))
+    return rel.max(0).values
+
+
 @pytest.mark.parametrize("p", [0.9, 1.0])
 @pytest.mark.parametrize("cap", [0.03, 0.2])
-def test_max_budget_keeps_the_top_of_the_top_p_set(p, cap, fresh_seed):
-    logits = torch.randn(6, 500) * 0.5  # flat: top-p alone keeps most tokens
-    uncapped, capped = top_p_mask(logits, p), top_p_mask(logits, p, max_budget=cap)
-    for r in range(6):
-        assert int(capped[r].sum()) == min(int(uncapped[r].sum()), math.ceil(cap * 500))
-        assert not (capped[r] & ~uncapped[r]).any()
-        assert logits[r][capped[r]].min() >= logits[r][uncapped[r] & ~capped[r]].max()
-    assert torch.equal(top_p_mask(logits, p, max_budget=1.0), uncapped)
+@pytest.mark.parametrize("group", [1, 4])
+def test_union_cap_keeps_the_highest_ranked_tokens_of_the_union(p, cap, group, fresh_seed):
+    # flat heads (top-p alone keeps most tokens) on different scales: ranks are relative to each head's max
+    logits = torch.randn(group, 500) * 0.5 * torch.linspace(0.5, 2.0, group)[:, None]
+    masks = top_p_mask(logits, p)
+    union, capped = masks.any(0), union_cap_mask(logits, masks, cap)
+    want = math.ceil(cap * 500)
+    assert int(capped.sum()) == min(int(union.sum()), want)
+    assert not (capped & ~union).any()
+    r = _rank(logits, masks)
+    assert r[capped].min() >= r[union & ~capped].max()
+    if group == 1:  # one head: the top of its set by logit
+        assert logits[0][capped].min() >= logits[0][union & ~capped].max()
+    assert torch.equal(union_cap_mask(logits, masks, cap, n=10**6), union)  # a cap above the union: no change
 
 
 @pytest.mark.parametrize("p", [0.9, 1.0])
 @pytest.mark.parametrize("cap", [0.03, 0.2])
 @pytest.mark.parametrize("scale", [0.3, 2.0])
-def test_hist_max_budget_cuts_inside_the_bin_of_the_capth_token(p, cap, scale, fresh_seed):
-    logits = torch.randn(8, 4000) * scale
-    hist, capped = top_p_mask_hist(logits, p), top_p_mask_hist(logits, p, max_budget=cap)
+def test_union_cap_hist_cuts_inside_the_bin_of_the_want_th_ranked_token(p, cap, scale, fresh_seed):
+    logits = torch.randn(4, 4000) * scale * torch.tensor([1.0, 0.5, 2.0, 1.0])[:, None]
+    x = logits.double()
+    thr = hist_threshold(logits, p)
+    capped_thr = union_cap_thresholds(logits, thr, cap)
+    union, capped = (x >= thr[:, None]).any(0), (x >= capped_thr[:, None]).any(0)
     want = math.ceil(cap * 4000)
-    for r in range(8):
-        assert capped[r][logits[r].argmax()]
-        assert not (capped[r] & ~hist[r]).any()  # a higher threshold: a subset
-        if int(hist[r].sum()) <= want:
-            assert torch.equal(capped[r], hist[r])
-            continue
-        # every token of a bin above the want-th largest token's is kept, none of a bin below
-        bins = torch.floor(logits[r].double() / BIN_WIDTH)
-        edge = bins.sort(descending=True).values[want - 1]
-        assert capped[r][bins > edge].all() and not capped[r][bins < edge].any()
+    assert (capped_thr >= thr).all()  # higher thresholds: a subset
+    assert not (capped & ~union).any()
+    assert capped[x.argmax(-1)].all()  # every head's arg-max (rank 0)
+    if int(union.sum()) <= want:
+        assert torch.equal(capped_thr, thr)
+        return
+    # every token of a rank bin above the want-th ranked token's bin is kept, none of a bin below
+    r = _rank(logits, x >= thr[:, None])
+    bins = torch.floor(-r / BIN_WIDTH)
+    edge = bins[union].sort().values[want - 1]
+    assert capped[union & (bins < edge)].all() and not capped[bins > edge].any()
 
 
-def test_hist_max_budget_keeps_the_cap_where_logits_spread_evenly():
-    logits = torch.linspace(0.0, 4.0, 8000).view(1, -1)  # 500 tokens per bin, spread evenly
+def test_union_cap_hist_keeps_the_cap_where_ranks_spread_evenly():
+    up = torch.linspace(0.0, 4.0, 8000)
+    logits = torch.stack([up, 4.0 - up])  # two heads, opposite ends: 1000 tokens per rank bin down to -2
+    thr = torch.full((2,), float("-inf"), dtype=torch.float64)  # top-p 1: the cap alone selects
     for cap in (0.05, 0.1, 0.3):
-        kept = int(top_p_mask_hist(logits, 1.0, max_budget=cap).sum())
+        capped_thr = union_cap_thresholds(logits, thr, cap)
+        kept = int((logits.double() >= capped_thr[:, None]).any(0).sum())
         assert abs(kept - math.ceil(cap * 8000)) <= 2, (cap, kept)
 
 
 def test_max_budget_outside_its_range_is_refused():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="max_budget"):
-            top_p_mask(torch.zeros(1, 4), 0.9, max_budget=bad)
+            union_cap_mask(torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool), bad)
+        with pytest.raises(ValueError, match="max_budget"):
+            union_cap_thresholds(torch.zeros(1, 4), torch.zeros(1), bad)
 
 
 def test_hist_selection_keeps_argmax_and_mass_on_far_tail():

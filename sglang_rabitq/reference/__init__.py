@@ -24,6 +24,8 @@ from sglang_rabitq.reference.select import (
     hist_threshold,
     top_p_mask,
     top_p_mask_hist,
+    union_cap_mask,
+    union_cap_thresholds,
 )
 
 __all__ = [
@@ -46,5 +48,7 @@ __all__ = [
     "sparse_decode_attention",
     "top_p_mask",
     "top_p_mask_hist",
+    "union_cap_mask",
+    "union_cap_thresholds",
     "unpack_bits",
 ]

@@ -4,7 +4,8 @@ A request of length ``L`` whose first ``encoded`` positions have codes is split 
 ``sink = [0, S')``, ``scored = [S', E)`` and ``window = [E, L)`` with ``S' = min(S, L)`` and
 ``E = max(S', min(encoded, L - W))``: the window holds every not-yet-encoded token and at least the
 last ``W``. Sink and window are always attended; from the scored region each query head keeps its
-top-p set of estimated weights and a kv-head attends the union of its query heads' sets.
+top-p set of estimated weights and a kv-head attends the union of its query heads' sets (with
+``max_budget`` < 1, capped at about that fraction of its scored tokens: ``reference.select``).
 
 ``top_p_scope`` says of which mass ``p`` is taken: ``"context"`` (every token: the sink and
 window's exact logits, centred and scaled like the estimates, count towards ``p``, so a head whose
@@ -19,7 +20,13 @@ import torch
 
 from sglang_rabitq.reference.attention import sparse_decode_attention
 from sglang_rabitq.reference.codes import estimate_int, quantize_query
-from sglang_rabitq.reference.select import LOGIT_STORAGE_DTYPE, top_p_mask, top_p_mask_hist
+from sglang_rabitq.reference.select import (
+    LOGIT_STORAGE_DTYPE,
+    hist_threshold,
+    top_p_mask,
+    union_cap_mask,
+    union_cap_thresholds,
+)
 from sglang_rabitq.validation import check_choice
 
 TOP_P_SCOPES = ("context", "scored")
@@ -45,6 +52,22 @@ def dense_region_lse(
     the always-attended tokens' mass, on the estimates' scale (they estimate ``<q, k - c>``)."""
     kc = keys.to(torch.float64) - (0.0 if center is None else center.to(torch.float64))
     return torch.logsumexp(q.to(torch.float64) @ kc.T * scale, dim=-1)
+
+
+def select_union(logits: torch.Tensor, top_p: float, prior_lse: torch.Tensor | None, max_budget: float,
+                 selector: str = "hist") -> torch.Tensor:
+    """The tokens ``[N]`` (bool) a kv-head attends of its scored region, from its query heads'
+    estimated logits ``[G, N]``: the union of their top-p sets, capped by ``max_budget``."""
+    if selector == "exact":
+        masks = top_p_mask(logits, top_p, prior_lse=prior_lse)
+        return union_cap_mask(logits, masks, max_budget) if max_budget < 1.0 else masks.any(0)
+    # the histogram's bins, and so the set, move when a logit crosses a bin edge: select from the
+    # values the kernels select from
+    x = logits.to(LOGIT_STORAGE_DTYPE).double()
+    thr = hist_threshold(x, top_p, prior_lse=prior_lse)
+    if max_budget < 1.0:
+        thr = union_cap_thresholds(x, thr, max_budget)
+    return ((x >= thr.to(x.device)[:, None]) & torch.isfinite(x)).any(0)
 
 
 def rabitq_decode(
@@ -80,10 +103,10 @@ def rabitq_decode(
     in place of ``quantize_query(q, rot)`` (a kernel's rotation sums in another order, so a value on a
     rounding edge can take the other INT4 level, which moves every estimate a little).
     ``center [Hkv, D]``: the keys' centre the codes were encoded with (None: zero).
-    ``max_budget``: each query head keeps at most about this fraction of the scored tokens (``select``).
+    ``max_budget``: a kv-head attends at most about this fraction of its scored tokens (``select``).
     """
     check_choice("top_p_scope", top_p_scope, TOP_P_SCOPES)
-    select = {"hist": top_p_mask_hist, "exact": top_p_mask}[selector]
+    check_choice("selector", selector, ("hist", "exact"))
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
     group = hq // hkv
@@ -115,11 +138,7 @@ def rabitq_decode(
                         for qh in range(h * group, (h + 1) * group)
                     ]
                 )
-                if selector == "hist":
-                    # the histogram's bins, and so the set, move when a logit crosses a bin edge:
-                    # select from the values the kernels select from
-                    logits = logits.to(LOGIT_STORAGE_DTYPE)
-                chosen = scored[select(logits, top_p, prior_lse=prior, max_budget=max_budget).any(0)]
+                chosen = scored[select_union(logits, top_p, prior, max_budget, selector)]
             per_head.append(torch.sort(torch.cat([always, chosen])).values)
         out[b] = sparse_decode_attention(q[b], k_buf, v_buf, per_head, sm_scale)
         attended.append(per_head)

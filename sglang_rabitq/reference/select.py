@@ -16,13 +16,17 @@ kept whole (with few tokens the even-spread guess can cut off most of the bin's 
 threshold never exceeds the maximum, so the arg-max is always kept. Tokens more than
 ``HIST_BINS * BIN_WIDTH`` below the maximum (mass under ``exp(-16)`` each) are never kept.
 
-``max_budget`` (< 1) caps a row's set at about that fraction of its tokens: the exact rule keeps the
-first ``ceil(max_budget * n)`` of the top-p set in descending order (``n`` finite logits); the
-histogram rule raises its threshold to the bin where the count from the top reaches
-``ceil(max_budget * n)`` (``n`` the binned tokens), interpolated as if that bin's tokens were spread
-evenly in logit (a bin of at most ``SMALL_BIN`` tokens is kept whole). A cap bounds the work of a
-head whose estimated attention is flat, where top-p alone keeps nearly everything. A threshold keeps
-tied logits together: a row whose stored logits are all equal keeps every token under any cap.
+``max_budget`` (< 1) caps what a kv-head reads, the union of its query heads' sets, at about
+``want = ceil(max_budget * n)`` of its ``n`` scored tokens. A token's rank is its best estimated
+weight relative to the top weight of a head that keeps it, ``r(t) = max(x_h(t) - m_h)`` over the
+heads ``h`` whose set holds ``t`` (``m_h``: head ``h``'s largest logit), so each head's own top
+tokens come first whatever its scale. The exact rule (``union_cap_mask``) keeps the ``want`` tokens
+of the union with the highest ``r``; the histogram rule (``union_cap_thresholds``) bins ``r`` below 0
+in bins of ``BIN_WIDTH``, finds the bin where the count from the top reaches ``want``, places the cut
+``tau`` in it as if its tokens were spread evenly (a bin of at most ``SMALL_BIN`` tokens is kept
+whole), and raises every head's threshold to ``max(thr_h, m_h + tau)``. A cap bounds the work of
+flat heads, where top-p alone keeps nearly everything. A threshold keeps tied logits together: a head
+whose stored logits are all equal keeps every token under any cap.
 """
 
 from __future__ import annotations
@@ -56,35 +60,30 @@ def _prior_mass(x: torch.Tensor, prior_lse: torch.Tensor | None) -> torch.Tensor
 
 
 def cap_count(max_budget: float, n: int) -> int:
-    """Tokens a row of ``n`` keeps at most under ``max_budget``: ``ceil`` in float32, as the kernel."""
+    """Tokens a kv-head of ``n`` scored tokens keeps at most under ``max_budget``: ``ceil`` in float32,
+    as the kernel."""
     return math.ceil(float(torch.tensor(max_budget, dtype=torch.float32) * torch.tensor(float(n), dtype=torch.float32)))
 
 
 def top_p_mask(
     logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
-    max_budget: float = 1.0,
 ) -> torch.Tensor:
-    """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum), capped by ``max_budget``."""
-    check_fraction(top_p=p, max_budget=max_budget)
+    """Minimal top-p set per row of ``logits [R, N]`` (exact, by sort + cumsum)."""
+    check_fraction(top_p=p)
     x = _masked_logits(logits, valid)
     has_any = torch.isfinite(x).any(-1, keepdim=True)
-    if p >= 1.0 and max_budget >= 1.0:
+    if p >= 1.0:
         return torch.isfinite(x) & has_any
     # stable descending sort: among equal logits the lower index comes first
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
     sorted_x = torch.gather(x, -1, order)
     finite = torch.isfinite(sorted_x)
-    keep_sorted = finite.clone()
-    if p < 1.0:
-        probs = torch.softmax(sorted_x, dim=-1)
-        before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
-        prior = _prior_mass(x, prior_lse)
-        # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
-        keep_sorted &= p - before > (1.0 - p) * prior
+    probs = torch.softmax(sorted_x, dim=-1)
+    before = torch.cumsum(probs, -1) - probs  # mass strictly before each sorted entry
+    prior = _prior_mass(x, prior_lse)
+    # kept while (prior + before) < p (prior + 1), written so that an infinite prior keeps nothing
+    keep_sorted = finite & (p - before > (1.0 - p) * prior)
     keep_sorted[:, 0] |= has_any[:, 0]  # the arg-max
-    if max_budget < 1.0:
-        for r in range(x.shape[0]):
-            keep_sorted[r, cap_count(max_budget, int(finite[r].sum())):] = False
     mask = torch.zeros_like(keep_sorted)
     mask.scatter_(-1, order, keep_sorted)
     return mask & has_any
@@ -106,26 +105,72 @@ def crossing_threshold(
     return min(m + math.log(e_hi - frac * (e_hi - e_lo)), m)
 
 
-def cap_threshold(top_bin: int, k: int, count_above: int, bin_count: int, want: int, m: float) -> float:
-    """Logit threshold inside bin ``k`` (counted down from ``top_bin``) above which about ``want``
-    tokens lie, ``count_above`` of them in the bins above. Shared by the reference and the tests."""
-    lo = (top_bin - k) * BIN_WIDTH
+def cap_offset(k: int, count_above: int, bin_count: int, want: int) -> float:
+    """The cut ``tau <= 0`` inside bin ``k`` of ``r`` (bin ``k`` holds ``-(k + 1) W < r <= -k W``) above
+    which about ``want`` tokens lie, ``count_above`` of them in the bins above."""
+    lo = -(k + 1) * BIN_WIDTH
     if bin_count <= SMALL_BIN:
-        return min(lo, m)
+        return lo
     frac = (want - count_above) / bin_count  # of the bin's tokens, from its top
-    return min(lo + BIN_WIDTH * (1.0 - frac), m)
+    return min(lo + BIN_WIDTH * (1.0 - frac), 0.0)
+
+
+def _union_rank(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``r [N]``: per token the largest ``x_h - m_h`` over the heads (rows of ``x [G, N]``) whose
+    ``keep`` holds it; ``-inf`` where none does."""
+    if x.shape[1] == 0:
+        return x.new_empty(0)
+    m = x.masked_fill(~torch.isfinite(x), float("-inf")).max(-1, keepdim=True).values
+    rel = torch.where(keep & torch.isfinite(x), x - torch.where(torch.isfinite(m), m, 0.0), float("-inf"))
+    return rel.max(0).values
+
+
+def union_cap_mask(logits: torch.Tensor, masks: torch.Tensor, max_budget: float, n: int | None = None) -> torch.Tensor:
+    """Exact rule: of the union of a kv-head's sets ``masks [G, N]`` over ``logits [G, N]``, the at most
+    ``ceil(max_budget * n)`` tokens of highest rank (ties towards the lower index); ``n``: scored
+    tokens (default ``N``). Returns ``[N]`` bool."""
+    check_fraction(max_budget=max_budget)
+    r = _union_rank(logits.to(torch.float64), masks)
+    union = torch.isfinite(r)
+    want = cap_count(max_budget, logits.shape[1] if n is None else n)
+    if int(union.sum()) <= want:
+        return union
+    order = torch.sort(r, descending=True, stable=True).indices[:want]
+    out = torch.zeros_like(union)
+    out[order] = True
+    return out
+
+
+def union_cap_thresholds(logits: torch.Tensor, thr: torch.Tensor, max_budget: float, n: int | None = None) -> torch.Tensor:
+    """Histogram rule: a kv-head's thresholds ``thr [G]`` (float64) raised so that the union of its
+    sets over ``logits [G, N]`` holds about ``ceil(max_budget * n)`` tokens (unchanged when it holds
+    no more). ``n``: scored tokens (default ``N``)."""
+    check_fraction(max_budget=max_budget)
+    x = logits.to(torch.float64)
+    thr = thr.to(torch.float64).cpu()
+    r = _union_rank(x, x >= thr[:, None])
+    live = torch.isfinite(r)
+    k = torch.floor(-r[live] / BIN_WIDTH).to(torch.int64)
+    count = torch.bincount(k[k < HIST_BINS], minlength=HIST_BINS)
+    want = cap_count(max_budget, x.shape[1] if n is None else n)
+    if int(count.sum()) <= want:
+        return thr
+    ccum = torch.cumsum(count, 0)
+    kc = int(torch.nonzero(ccum >= want)[0])
+    tau = cap_offset(kc, int(ccum[kc] - count[kc]), int(count[kc]), want)
+    m = x.masked_fill(~torch.isfinite(x), float("-inf")).max(-1).values
+    return torch.maximum(thr, m + tau)
 
 
 def hist_threshold(
     logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
-    max_budget: float = 1.0,
 ) -> torch.Tensor:
     """Per row of ``logits [R, N]``, the logit threshold kept (``-inf`` keeps every token)."""
-    check_fraction(top_p=p, max_budget=max_budget)
+    check_fraction(top_p=p)
     x = _masked_logits(logits, valid)
     prior = None if prior_lse is None else prior_lse.to(torch.float64).cpu()
     out = torch.full((x.shape[0],), float("-inf"), dtype=torch.float64)
-    if p >= 1.0 and max_budget >= 1.0:
+    if p >= 1.0:
         return out
     for r in range(x.shape[0]):
         row = x[r][torch.isfinite(x[r])]
@@ -143,25 +188,18 @@ def hist_threshold(
         pm = 0.0 if prior is None else math.exp(min(float(prior[r]) - m, 700.0))
         target = p * float(mass.sum()) - (1.0 - p) * pm
         hit = torch.nonzero(cum >= target)
-        if hit.numel() and p < 1.0:
+        if hit.numel():
             kk = int(hit[0])
             out[r] = crossing_threshold(
                 top, kk, float(cum[kk] - mass[kk]), float(mass[kk]), int(count[kk]), target, m
             )
-        if max_budget < 1.0:
-            want = cap_count(max_budget, int(count.sum()))
-            ccum = torch.cumsum(count, 0)
-            kc = int(torch.nonzero(ccum >= want)[0])
-            cap = cap_threshold(top, kc, int(ccum[kc] - count[kc]), int(count[kc]), want, m)
-            out[r] = max(float(out[r]), cap)
     return out
 
 
 def top_p_mask_hist(
     logits: torch.Tensor, p: float, valid: torch.Tensor | None = None, prior_lse: torch.Tensor | None = None,
-    max_budget: float = 1.0,
 ) -> torch.Tensor:
     """The kernels' histogram top-p selection, per row of ``logits [R, N]``."""
-    thr = hist_threshold(logits, p, valid, prior_lse, max_budget).to(logits.device)
+    thr = hist_threshold(logits, p, valid, prior_lse).to(logits.device)
     x = _masked_logits(logits, valid)
     return (x >= thr[:, None]) & torch.isfinite(x)
