@@ -525,3 +525,25 @@ def test_random_checkpoint_loads_in_transformers(tmp_path):
     assert (folder / "model-00001-of-00004.safetensors").stat().st_mtime_ns == stamp
     write_random_checkpoint(folder, {**cfg, "rms_norm_eps": 1e-6}, seed=3, device="cpu")
     assert json.loads((folder / "config.json").read_text())["rms_norm_eps"] == 1e-6
+
+
+def test_cap_fidelity_measures_a_capped_subset_of_the_top_p_set(fresh_seed):
+    """eval/cap_fidelity.py on random q and k: a cap keeps a subset (less true mass, a smaller budget)
+    and about ceil(cap * scored) tokens plus the sink and window."""
+    sys.path.insert(0, str(ROOT))
+    import math
+
+    import torch
+
+    from eval.cap_fidelity import layer_samples
+
+    q, k = torch.randn(400, 4, 64), torch.randn(400, 2, 64) + 0.3
+    settings = [(0.9, 1.0, 1.0), (0.9, 1.0, 0.1)]
+    got = layer_samples(q, k, [299, 399], settings, sink=16, window=16, calib=64, seed=fresh_seed, layer=3)
+    free, capped = got[settings[0]], got[settings[1]]
+    assert len(free["retained"]) == 2 * 4 and len(free["budget"]) == 2 * 2
+    assert all(0.0 < r <= 1.0 + 1e-9 for r in free["retained"] + capped["retained"])
+    assert all(c <= f + 1e-12 for c, f in zip(capped["retained"], free["retained"]))
+    for length, budgets in ((300, capped["budget"][:2]), (400, capped["budget"][2:])):
+        for b in budgets:
+            assert b * length <= math.ceil(0.1 * (length - 32)) + 16 + 32
