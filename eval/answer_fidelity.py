@@ -255,6 +255,11 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
+
+
 def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     out = []
     for s in settings:
@@ -263,6 +268,9 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
                     "exact": _mean([float(r["exact"]) for r in rs]),
                     "token_agreement": _mean([r["token_agreement"] for r in rs]),
                     "kl_mean": _mean([r["kl_mean"] for r in rs]), "budget": _mean([r["budget"] for r in rs]),
+                    # how sure dense was of the token a setting changed first: near-ties flip under any noise
+                    "margin_at_diff_median": _median([r["dense_margin_at_diff"] for r in rs]),
+                    "margin_at_diff_max": max((r["dense_margin_at_diff"] for r in rs if not r["exact"]), default=None),
                     "questions": len(rs)})
     return out
 
@@ -418,6 +426,8 @@ def add_prompt_keys(result: dict) -> dict:
 
 def finish(result: dict, args) -> dict:
     """Adds the served comparisons; writes the JSON and its markdown table next to it."""
+    settings = [Setting(r["top_p"], r["temperature"], r["max_budget"]) for r in result["summary"]]
+    result["summary"] = summarize(result["questions"], settings)
     if args.served:
         result["served"] = [{"file": Path(f).name, **served_comparison(result, json.loads(Path(f).read_text()))}
                             for f in args.served]
@@ -438,11 +448,15 @@ def markdown(result: dict) -> str:
              f"teacher-forced = its greedy answer: {result['dense_forced_exact']:.3f}; {result['wall_s']:.0f} s on "
              f"{result.get('machine', 'the CPU')}.", "", f"    {result.get('command', '')}", "",
              "K/V budget: attended / context, averaged over sparse layers, answer steps and kv-heads.", "",
-             "| setting | exact answers | token agreement | KL(dense, setting) per token | K/V budget |",
-             "|---|---|---|---|---|"]
+             "Margin: dense's top-1 minus top-2 logit at the first answer token the setting changed (median, max "
+             "over the changed answers): a small one is a near-tie, a large one a token dense was sure of.", "",
+             "| setting | exact answers | token agreement | KL(dense, setting) per token | K/V budget | margin at "
+             "first difference (median / max) |",
+             "|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for r in result["summary"]:
         lines.append(f"| {r['setting']} | {r['exact']:.3f} | {r['token_agreement']:.3f} | {r['kl_mean']:.4f} | "
-                     f"{r['budget']:.3f} |")
+                     f"{r['budget']:.3f} | {fmt(r.get('margin_at_diff_median'))} / {fmt(r.get('margin_at_diff_max'))} |")
     if result.get("served"):
         lines += ["", "The same questions served (dense and rabitq servers on a GPU, batched, bf16) against this "
                   "study at the served setting: answers equal to dense's there and here.", "",

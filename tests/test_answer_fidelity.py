@@ -122,3 +122,14 @@ def test_served_comparison_counts_each_question_once():
         assert "other questions" in str(e)
     else:
         raise AssertionError("a served run of other questions must be refused")
+
+
+def test_summary_averages_and_margins():
+    s = A.Setting(0.9, 0.6, 0.2)
+    rows = [{"settings": {s.label: {"exact": e, "token_agreement": a, "kl_mean": k, "budget": b,
+                                    "dense_margin_at_diff": m}}}
+            for e, a, k, b, m in [(True, 1.0, 0.0, 0.2, None), (False, 0.9, 0.1, 0.3, 0.5), (False, 0.8, 0.2, 0.1, 3.0)]]
+    (got,) = A.summarize(rows, [s])
+    assert got["exact"] == 1 / 3 and abs(got["budget"] - 0.2) < 1e-12 and got["questions"] == 3
+    assert got["margin_at_diff_median"] == 1.75 and got["margin_at_diff_max"] == 3.0
+    assert abs(got["token_agreement"] - 0.9) < 1e-12 and abs(got["kl_mean"] - 0.1) < 1e-12
