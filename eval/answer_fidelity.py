@@ -349,7 +349,6 @@ def main(argv=None) -> dict:
 
     from eval.fidelity import load_model
 
-    torch.manual_seed(0)
     model, tok, info = load_model(args.model)
     counter = T.TokenCounter(tok)
     docs, reqs = user_questions(args, counter)

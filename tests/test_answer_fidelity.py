@@ -2,12 +2,17 @@
 encoding is the planner's, and its attention hook reproduces dense greedy decoding on a real
 transformers model (random weights) when nothing is dropped."""
 
+import sys
+from pathlib import Path
+
 import torch
 
-from eval import answer_fidelity as A
-from sglang_rabitq.code_pool import layer_rotations
-from sglang_rabitq.reference import encode_keys, rabitq_decode
-from sglang_rabitq.reference.plan import plan_decode
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval import answer_fidelity as A  # noqa: E402
+from sglang_rabitq.code_pool import layer_rotations  # noqa: E402
+from sglang_rabitq.reference import encode_keys, rabitq_decode  # noqa: E402
+from sglang_rabitq.reference.plan import plan_decode  # noqa: E402
 
 
 def test_encoded_lengths_follow_the_planner():
