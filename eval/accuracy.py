@@ -72,17 +72,12 @@ def run_config(args, samples, kind, top_p, temp, index, up: threading.Event | No
             rows.append({"task": task, "context": ctx, "backend": kind, "top_p": top_p, "score_temperature": temp,
                          "score": sum(scores) / len(scores), "budget": delta["budget"] if kind == "rabitq" else None,
                          "n": len(group), "errors": sum("error" in r for r in res),
-                         "prompt_tokens": _mean([r.get("prompt_tokens") for r in res])})
+                         "prompt_tokens": S.mean_known([r.get("prompt_tokens") for r in res])})
         total = S.metrics_delta(start, before)
         total["startup_s"] = srv.startup_s
     finally:
         srv.stop()
     return rows, outputs, total
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def config_name(kind, top_p, temp) -> str:

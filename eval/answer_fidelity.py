@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval import prefix_sharing as PS  # noqa: E402
 from eval import tasks as T  # noqa: E402
-from eval.server import flag_value  # noqa: E402
+from eval.server import csv_list, flag_value, mean_known  # noqa: E402
 from sglang_rabitq.code_pool import layer_rotations  # noqa: E402
 from sglang_rabitq.config import RaBitQConfig  # noqa: E402
 from sglang_rabitq.reference import decode_regions, encode_keys, quantize_query, unpack_bits  # noqa: E402
@@ -250,11 +250,6 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def _median(xs):
     xs = sorted(x for x in xs if x is not None)
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
@@ -265,9 +260,9 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     for s in settings:
         rs = [r["settings"][s.label] for r in rows]
         out.append({"setting": s.label, "top_p": s.top_p, "temperature": s.temperature, "max_budget": s.max_budget,
-                    "exact": _mean([float(r["exact"]) for r in rs]),
-                    "token_agreement": _mean([r["token_agreement"] for r in rs]),
-                    "kl_mean": _mean([r["kl_mean"] for r in rs]), "budget": _mean([r["budget"] for r in rs]),
+                    "exact": mean_known([float(r["exact"]) for r in rs]),
+                    "token_agreement": mean_known([r["token_agreement"] for r in rs]),
+                    "kl_mean": mean_known([r["kl_mean"] for r in rs]), "budget": mean_known([r["budget"] for r in rs]),
                     # how sure dense was of the token a setting changed first: near-ties flip under any noise
                     "margin_at_diff_median": _median([r["dense_margin_at_diff"] for r in rs]),
                     "margin_at_diff_max": max((r["dense_margin_at_diff"] for r in rs if not r["exact"]), default=None),
@@ -321,7 +316,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--doc-tokens", type=int, default=16000)
     ap.add_argument("--users", type=int, default=16)
-    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16],
+    ap.add_argument("--concurrency", type=csv_list(int), default=[4, 16],
                     help="as given to prefix_sharing.py: one level of --users questions each")
     ap.add_argument("--chats", type=int, default=4, help="as given to prefix_sharing.py (takes questions too)")
     ap.add_argument("--turns", type=int, default=3)
@@ -343,7 +338,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "answer_fidelity.json"))
     args = ap.parse_args(argv)
     if args.compare_only:
-        return finish(add_prompt_keys(json.loads(Path(args.out).read_text())), args)
+        result = add_prompt_keys(json.loads(Path(args.out).read_text()))
+        return finish(result, args, [Setting(r["top_p"], r["temperature"], r["max_budget"]) for r in result["summary"]])
 
     from transformers import DynamicCache
 
@@ -382,11 +378,10 @@ def main(argv=None) -> dict:
             answer = greedy(model, cache, first, args.max_tokens, eos)
             cache.crop(len(ids))
             dense = teacher_forced(model, cache, attn, answer, None)
-            targets = answer[1:]
+            targets, text = answer[1:], tok.decode(answer, skip_special_tokens=True)
             row = {"doc": d, "question": req["question"], "expected": req["answer"], "prompt_tokens": len(ids),
                    "prompt_key": PS.prompt_key(T.document_messages(docs[d], req["question"])),
-                   "answer": tok.decode(answer, skip_special_tokens=True), "answer_tokens": len(answer),
-                   "dense_correct": T.score_any(tok.decode(answer, skip_special_tokens=True), [req["answer"]]),
+                   "answer": text, "answer_tokens": len(answer), "dense_correct": T.score_any(text, [req["answer"]]),
                    # dense teacher-forced must give back its own greedy answer: the harness's noise floor
                    "dense_forced_exact": compare(dense, dense, targets)["exact"], "settings": {}}
             for s in args.settings:
@@ -402,11 +397,10 @@ def main(argv=None) -> dict:
     result = {"model": info, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "config": {k: (v if k != "settings" else [s.label for s in v]) for k, v in vars(args).items()},
-              "summary": summarize(rows, args.settings),
-              "dense_correct": _mean([r["dense_correct"] for r in rows]),
-              "dense_forced_exact": _mean([float(r["dense_forced_exact"]) for r in rows]), "questions": rows,
+              "dense_correct": mean_known([r["dense_correct"] for r in rows]),
+              "dense_forced_exact": mean_known([float(r["dense_forced_exact"]) for r in rows]), "questions": rows,
               "wall_s": time.time() - t0}
-    return finish(result, args)
+    return finish(result, args, args.settings)
 
 
 def add_prompt_keys(result: dict) -> dict:
@@ -423,9 +417,8 @@ def add_prompt_keys(result: dict) -> dict:
     return result
 
 
-def finish(result: dict, args) -> dict:
-    """Adds the served comparisons; writes the JSON and its markdown table next to it."""
-    settings = [Setting(r["top_p"], r["temperature"], r["max_budget"]) for r in result["summary"]]
+def finish(result: dict, args, settings: list[Setting]) -> dict:
+    """Adds the per-setting summary and the served comparisons; writes the JSON and its markdown table."""
     result["summary"] = summarize(result["questions"], settings)
     if args.served:
         result["served"] = [{"file": Path(f).name, **served_comparison(result, json.loads(Path(f).read_text()))}

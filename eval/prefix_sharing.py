@@ -143,7 +143,8 @@ def run_backend(args, work, kind, index) -> dict:
                                           args.max_tokens),
                 level["requests"], level["concurrency"], desc=f"{kind} repeat")
             first = out["levels"][0]["results"]
-            out["repeat"] = {"self_exact": _mean([float(a.get("text") == b.get("text")) for a, b in zip(first, res)])}
+            same = [float(a.get("text") == b.get("text")) for a, b in zip(first, res)]
+            out["repeat"] = {"self_exact": S.mean_known(same)}
         out["startup_s"] = srv.startup_s
     everything = [r for lv in out["levels"] for r in lv["results"]]
     if out["chats"]:
@@ -161,11 +162,6 @@ def _slim(r: dict) -> dict:
     return {k: r.get(k) for k in ("text", "ttft_s", "tpot_s", "decode_s", "completion_tokens", "prompt_tokens",
                                   "cached_tokens", "prompt_key", "expected", "turn")} | \
         {"steps": n - 1 if r.get("decode_s") is not None else 0}
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 # ------------------------------------------------------------------------------------------ agreement
@@ -194,7 +190,8 @@ def agreement(ref: list[dict], other: list[dict], ids) -> dict:
             continue
         exact.append(float(a["text"] == b["text"]))
         prefix.append(prefix_fraction(ids(a["text"]), ids(b["text"])))
-    return {"exact": _mean(exact), "token_prefix": _mean(prefix), "compared": len(exact), "diverged_inputs": diverged}
+    return {"exact": S.mean_known(exact), "token_prefix": S.mean_known(prefix), "compared": len(exact),
+            "diverged_inputs": diverged}
 
 
 def compare(dense: dict, ours: dict, ids) -> dict:
@@ -233,10 +230,10 @@ def table(runs: dict, agree: dict | None) -> list[tuple]:
         return lambda r: r["totals"][k]
 
     rows = [
-        ("answers correct (users)", lambda r: _mean([lv["correct"] for lv in r["levels"]])),
+        ("answers correct (users)", lambda r: S.mean_known([lv["correct"] for lv in r["levels"]])),
         ("answers correct (chats)", lambda r: r["chats"]["correct"]),
         ("radix cache hit rate (metrics)", tot("cache_hit_rate")),
-        ("cache hit rate (usage)", lambda r: _mean([lv["usage_cache_hit_rate"] for lv in r["levels"]]
+        ("cache hit rate (usage)", lambda r: S.mean_known([lv["usage_cache_hit_rate"] for lv in r["levels"]]
                                                    + [r["chats"]["usage_cache_hit_rate"] if r["chats"] else None])),
         ("codes reused", tot("codes_reused")),
         ("codes encoded", tot("codes_encoded")),

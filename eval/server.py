@@ -507,6 +507,12 @@ def csv_list(kind=str):
     return lambda s: [kind(x) for x in s.split(",") if x.strip()]
 
 
+def mean_known(xs):
+    """Mean of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def add_server_args(ap: argparse.ArgumentParser, port: int = 30000, model_required: bool = True) -> None:
     """Options every driver shares: model, ports, backends, memory, logs, output."""
     ap.add_argument("--model", required=model_required, help="model folder (HF config + weights [+ tokenizer])")
