@@ -196,13 +196,21 @@ def resolve_model(ap: argparse.ArgumentParser, args) -> tuple[str, PromptIds]:
     return name, PromptIds(vocab, tokenizer)
 
 
+# backend kinds: the dense baseline, rabitq as configured, and rabitq with every decode step sparse
+# (--rabitq-min-batch-context 0: the sparse path's own speed where the default would attend densely)
+ALWAYS_SPARSE = "rabitq-sparse"
+
+
 def speed_server(args, kind: str, index: int, ctx_len: int) -> S.Server:
     """A server for speed runs: dummy weights where asked, contexts allowed past the model's window."""
     extra = ["--skip-tokenizer-init"] if args.dummy else []
     if args.dummy and getattr(args, "dummy_weights", "sglang") == "sglang":
         extra += ["--load-format", "dummy"]
     env = {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}  # speed only: contexts may pass the model window
-    return S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None, context_length=ctx_len,
+    ours = kind != "dense"
+    if kind == ALWAYS_SPARSE:  # after the run's rabitq flags: the last value wins
+        args = argparse.Namespace(**{**vars(args), "rabitq_args": f"{args.rabitq_args} --rabitq-min-batch-context 0"})
+    return S.server_for(args, "rabitq" if ours else kind, index, args.top_p if ours else None, context_length=ctx_len,
                         extra=extra, env=env)
 
 
@@ -242,6 +250,10 @@ def combine(runs: dict, ref_ctx: int, model_name: str) -> list[dict]:
         if q is None or not p.get("tok_s") or not q.get("tok_s"):
             continue
         pd, pr = runs["dense"]["prefill_ms"].get(str(ctx)), runs["rabitq"]["prefill_ms"].get(str(ctx))
+        sparse = point(ALWAYS_SPARSE, ctx, b)
+        if sparse and sparse.get("tok_s"):
+            sparse = {"tok_s": sparse["tok_s"], "tpot_ms": sparse["tpot_ms"], "budget": sparse.get("budget"),
+                      "speedup": sparse["tok_s"] / p["tok_s"]}
         rows.append({
             "model": model_name, "context": ctx, "batch": b,
             "dense_tok_s": p["tok_s"], "rabitq_tok_s": q["tok_s"], "speedup": q["tok_s"] / p["tok_s"],
@@ -249,19 +261,22 @@ def combine(runs: dict, ref_ctx: int, model_name: str) -> list[dict]:
             "amdahl_limit": p["tpot_ms"] / ref["tpot_ms"] if ref and ref.get("tpot_ms") else None,
             "dense_prefill_ms": pd, "rabitq_prefill_ms": pr,
             "encode_overhead_ms": pr - pd if pd is not None and pr is not None else None,
+            **({"always_sparse": sparse} if sparse and sparse.get("tok_s") else {}),
         })
     return rows
 
 
 def print_rows(rows) -> None:
     print(f"\n{'ctx':>7}{'batch':>6}{'dense tok/s':>13}{'rabitq tok/s':>14}{'speedup':>9}{'limit':>8}"
-          f"{'budget':>8}{'enc ms':>9}")
+          f"{'budget':>8}{'enc ms':>9}{'sparse x':>10}{'budget':>8}")
     for r in rows:
         f = lambda v, s="{:.2f}": "-" if v is None else s.format(v)  # noqa: E731
+        sp = r.get("always_sparse") or {}
         print(f"{r['context']:>7}{r['batch']:>6}{r['dense_tok_s']:>13.0f}{r['rabitq_tok_s']:>14.0f}"
               f"{f(r['speedup']):>9}{f(r['amdahl_limit']):>8}{f(r['budget'], '{:.1%}'):>8}"
-              f"{f(r['encode_overhead_ms'], '{:.1f}'):>9}")
-    print("speedup = rabitq/dense decode tok/s; limit = dense_tpot(ctx)/dense_tpot(ref ctx)\n")
+              f"{f(r['encode_overhead_ms'], '{:.1f}'):>9}{f(sp.get('speedup')):>10}{f(sp.get('budget'), '{:.1%}'):>8}")
+    print("speedup = rabitq/dense decode tok/s; limit = dense_tpot(ctx)/dense_tpot(ref ctx); sparse x, budget: "
+          f"the {ALWAYS_SPARSE} server (every decode step sparse), where run\n")
 
 
 def main(argv=None):
@@ -275,7 +290,8 @@ def main(argv=None):
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="measurements per point (median kept)")
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--backends", type=S.csv_list(), default=["dense", "rabitq"])
+    ap.add_argument("--backends", type=S.csv_list(), default=["dense", "rabitq"],
+                    help=f"dense, rabitq, and {ALWAYS_SPARSE} (rabitq with every decode step sparse)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     S.apply_quick(ap, args, {"contexts": [4096, 8192], "batches": [1, 8], "gen": 64, "prefill_reps": 2,

@@ -4,8 +4,10 @@ five servers of one model on one GPU, started one after another by this script:
     python eval/e2e_smoke.py --model /tmp/models/smollm2 --out eval/results/e2e_smoke.json
 
 Checks: OpenAI chat / completion / streaming answer; `--rabitq-top-p 1.0` gives the same greedy
-text as dense on every prompt; a multi-turn conversation over a shared long document reuses codes
-(radix cache) and matches dense; CUDA graphs on and off give identical output (the dense backend's
+text as dense on every prompt, and so does a server at its defaults, whose automatic
+`--rabitq-min-batch-context` decodes every batch of this smoke densely; a multi-turn conversation over a shared long document reuses codes
+(radix cache) and matches dense; CUDA graphs on and off give identical output (with a batch-context
+threshold that sends about half of the prompts down each path, so both graph variants are replayed) (the dense backend's
 own on/off agreement is reported beside it); a repeat run on the same server is identical; the
 first concurrent batches (3, 9 and 16 requests, sizes the server has not run yet) compile no more
 Triton kernels than they make the dense server compile. Every greedy pass starts from an empty radix
@@ -77,6 +79,7 @@ def new_batch_sizes(server: Server, max_tokens: int) -> None:
 
 
 MULTI_TURN_DOC = (7, 220)  # seed and records of the shared document
+SWITCH_AT = 2048  # --rabitq-min-batch-context of the servers whose paths are compared
 
 
 def multi_turn_truth(users: int, turns: int) -> list[str]:
@@ -112,6 +115,9 @@ def main(argv=None):
                     help='extra flags for every rabitq server: --rabitq-args="--rabitq-center calibrate"')
     args = ap.parse_args(argv)
     ours = shlex.split(args.rabitq_args)
+    # the prompts run from ~0.6K to ~5K tokens and the multi-turn document is ~4.5K: about half decode
+    # densely, the rest sparsely (the prompt itself is counted, so a request stays on one path)
+    switch = ["--rabitq-min-batch-context", str(SWITCH_AT)]
     logs = Path(args.out).parent / "logs"
     env = {"SGLANG_RABITQ_LOG_EVERY_S": "0"}  # export counters after every batch
     # ports 10 apart: SGLang also binds a few ports right above the one it serves on
@@ -125,8 +131,10 @@ def main(argv=None):
     servers = {
         "dense": Server(args.model, "flashinfer", args.port, ["--disable-prefill-cuda-graph"], **{**common, "log_path": logs / "smoke-dense.log", "env": own_cache["dense"]}),
         "p1": Server(args.model, "rabitq", args.port + 10, ours + ["--rabitq-top-p", "1.0"], **{**common, "log_path": logs / "smoke-p1.log"}),
-        "sparse": Server(args.model, "rabitq", args.port + 20, ours, **{**common, "log_path": logs / "smoke-sparse.log", "env": own_cache["sparse"]}),
-        "nograph": Server(args.model, "rabitq", args.port + 30, ours + ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
+        "sparse": Server(args.model, "rabitq", args.port + 20, ours + switch, **{**common, "log_path": logs / "smoke-sparse.log", "env": own_cache["sparse"]}),
+        "nograph": Server(args.model, "rabitq", args.port + 30, ours + switch + ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-nograph.log"}),
+        # the defaults: every batch of this smoke is below the automatic threshold
+        "auto": Server(args.model, "rabitq", args.port + 50, ours, **{**common, "log_path": logs / "smoke-auto.log"}),
         # the dense backend's own graph on/off agreement: the floor for rabitq's (reported)
         "dense-nograph": Server(args.model, "flashinfer", args.port + 40, ["--disable-cuda-graph"], **{**common, "log_path": logs / "smoke-dense-nograph.log"}),
     }
@@ -174,10 +182,11 @@ def main(argv=None):
             report("openai streaming", len(s["chunk_times"]) > 1 and len(s["text"]) > 0, text=s["text"])
         convs = prompts(args.prompts)
         texts = {n: greedy_texts(srv, convs, args.max_tokens) for n, srv in servers.items() if n not in errors}
-        if "dense" in texts and "p1" in texts:
-            same = sum(a == b for a, b in zip(texts["dense"], texts["p1"]))
-            check("top-p 1.0 greedy text identical to dense", same == len(convs), identical=same, of=len(convs),
-                  mismatches=[(a, b) for a, b in zip(texts["dense"], texts["p1"]) if a != b][:3])
+        for name, what in (("p1", "top-p 1.0"), ("auto", "below the automatic batch-context threshold:")):
+            if "dense" in texts and name in texts:
+                same = sum(a == b for a, b in zip(texts["dense"], texts[name]))
+                check(f"{what} greedy text identical to dense", same == len(convs), identical=same, of=len(convs),
+                      mismatches=[(a, b) for a, b in zip(texts["dense"], texts[name]) if a != b][:3])
         for name in ("dense", "sparse", "nograph"):  # a server that is not repeatable cannot match another one
             if name in texts:
                 again = greedy_texts(servers[name], convs, args.max_tokens)
@@ -195,7 +204,8 @@ def main(argv=None):
                   mismatches=[(a, b) for a, b in zip(texts["sparse"], texts["nograph"]) if a != b][:3])
         if "dense" in texts and "sparse" in texts:
             same = sum(a == b for a, b in zip(texts["dense"], texts["sparse"]))
-            check("default top-p greedy text vs dense (reported)", True, identical=same, of=len(convs))
+            check(f"default top-p greedy text vs dense, sparse from {SWITCH_AT} tokens (reported)", True,
+                  identical=same, of=len(convs))
         if "dense" not in errors and "sparse" not in errors:
             before = rabitq_snapshot(servers["sparse"].url)
             dense_ans = multi_turn(servers["dense"], users=3, turns=3, max_tokens=32)

@@ -6,7 +6,8 @@
 # STEP (default: all, in this order): kernels e2e speed accuracy prefix profile summary
 #   kernels   kernel tests at GPU shapes (fresh seeds), then the recorded seed that has failed there
 #   e2e       eval/e2e_smoke.py: OpenAI API, top-p 1 == dense, repeatability, CUDA graph on/off, multi-turn
-#   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts), top-p SPEED_TOP_P; with
+#   speed     eval/bench_decode.py at SPEED_CONTEXTS x SPEED_BATCHES (text prompts), top-p SPEED_TOP_P, servers
+#             SPEED_BACKENDS (default dense,rabitq; rabitq-sparse: every decode step sparse); with
 #             SPEED_AT=accuracy at the accuracy step's cheapest configuration within 1 point of dense at
 #             SPEED_PICK_CONTEXT (eval/operating_point.py; run the accuracy step first)
 #   accuracy  eval/accuracy.py at ACC_CONTEXTS, ACC_TOP_P x ACC_TEMPERATURE (score temperatures; unset: the
@@ -31,6 +32,7 @@ STEPS=${*:-kernels e2e speed accuracy prefix profile summary}
 SPEED_CONTEXTS=${SPEED_CONTEXTS:-8192,32768}
 SPEED_BATCHES=${SPEED_BATCHES:-16}
 SPEED_TOP_P=${SPEED_TOP_P:-0.9}
+SPEED_BACKENDS=${SPEED_BACKENDS:-dense,rabitq}
 SPEED_PICK_CONTEXT=${SPEED_PICK_CONTEXT:-32768}
 ACC_CONTEXTS=${ACC_CONTEXTS:-8192,32768}
 ACC_TOP_P=${ACC_TOP_P:-0.9,0.95}
@@ -65,7 +67,7 @@ run_step() {
         [ "$temp" = - ] || args="$args --rabitq-score-temperature $temp"
         python3 eval/bench_decode.py --model "$MODEL" --contexts "$SPEED_CONTEXTS" --batches "$SPEED_BATCHES" \
             --top-p "$top_p" --out "$OUT/speed.json" --log-dir "$OUT/logs" --mem-fraction-static "$MEM_FRACTION" \
-            --rabitq-args="$args" ;;
+            --backends "$SPEED_BACKENDS" --rabitq-args="$args" ;;
     accuracy) python3 eval/accuracy.py --model "$MODEL" --contexts "$ACC_CONTEXTS" --top-p "$ACC_TOP_P" \
         --score-temperature "$ACC_TEMPERATURE" --samples "$ACC_SAMPLES" --parallel "$ACC_PARALLEL" --out "$OUT/accuracy.json" --log-dir "$OUT/logs" \
         --mem-fraction-static "$MEM_FRACTION" --rabitq-args="$RABITQ_ARGS" ;;

@@ -12,8 +12,9 @@ def load() -> None:
     from sglang_rabitq.patches.version import check_sglang_version
 
     check_sglang_version()
-    from sglang_rabitq.patches import memory, registry, server_args
+    from sglang_rabitq.patches import cuda_graph, memory, registry, server_args
 
     registry.register()
     server_args.register()
     memory.register()
+    cuda_graph.register()

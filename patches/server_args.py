@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from sglang_rabitq.config import CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig
+from sglang_rabitq.config import AUTO_DENSE_KV_BYTES, CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig
 
 logger = logging.getLogger("sglang_rabitq")
 ENV = "SGLANG_RABITQ_CONFIG"
@@ -36,6 +36,11 @@ def add_rabitq_args(parser) -> None:
     g.add_argument("--rabitq-dense-layers", type=int, default=_DEFAULTS.dense_layers, help="first layers attend densely")
     g.add_argument("--rabitq-encode-chunk", type=int, default=_DEFAULTS.encode_chunk,
                    help="decoded tokens are encoded in batches of this many")
+    g.add_argument("--rabitq-min-batch-context", type=int, default=_DEFAULTS.min_batch_context,
+                   help="decode batches whose total context (tokens summed over the batch) is below this attend "
+                        "densely, through the dense backend's kernel and CUDA graphs (0: always sparse; default: "
+                        "the context whose K/V per layer is %d MiB on this GPU's share of the kv-heads)"
+                        % (AUTO_DENSE_KV_BYTES >> 20))
     g.add_argument("--rabitq-center", choices=CENTER_MODES, default=_DEFAULTS.center,
                    help="key centring: none, or calibrate: per (layer, kv-head) mean of the first prefill keys, "
                         "then fixed for the server's lifetime")

@@ -3,7 +3,9 @@
 The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``:
 - extend / prefill / mixed batches: the dense backend attends and saves K/V; then the keys of
   every new token, and of any reused prefix slot without a valid code, are encoded per layer;
-- decode: each sparse layer runs query (with the lazy refresh: a chunk of older window tokens may be
+- decode: a batch whose total context is below ``min_batch_context`` attends densely in every layer
+  (the dense backend's kernel; with CUDA graphs, a graph variant of its own: ``patches/cuda_graph.py``);
+  otherwise each sparse layer runs query (with the lazy refresh: a chunk of older window tokens may be
   encoded) -> score -> threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
   (the first ``dense_layers``, or all at top-p 1) use the dense backend's own decode kernel, so
   top-p 1 gives exactly the dense backend's output.
@@ -11,6 +13,7 @@ The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -72,7 +75,12 @@ class RaBitQAttnBackend(AttentionBackend):
         self.last_sparse_layer = self.pool.sparse_layers[-1] if self.pool.sparse_layers else -1
         self._extend_slots = None
         self.calibration = None if self.pool.calibrated else CenterCalibration(self.pool, config.calibrate_tokens)
+        self._dense_step = False  # this decode batch attends densely (set per batch, or per captured variant)
+        self.min_batch_context = self._min_batch_context()
+        self._dense_captured = set()  # batch sizes whose CUDA-graph state the dense backend has made
         self._compile_eager_kernels()
+        logger.info(
+            "rabitq: decode batches under %d context tokens attend densely", self.min_batch_context)
         logger.info(
             "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); decode workspace "
             "%.1f MiB; dense prefill: %s",
@@ -93,9 +101,45 @@ class RaBitQAttnBackend(AttentionBackend):
         encode_slots(self.kv_pool.get_key_buffer(lid), torch.full((1,), -1, dtype=torch.int64, device=self.device),
                      rot, self.pool.center[lid], codes, factor)
 
+    # ---- dense or sparse decode ---------------------------------------------------------------
+    def _min_batch_context(self) -> int:
+        """Decode batches below this total context attend densely: the flag's value, else (with a dense
+        decode kernel to switch to) ``AUTO_DENSE_KV_BYTES`` of K/V; 0 where no layer would select."""
+        if not self.pool.sparse_layers or self._attends_densely(self.last_sparse_layer):
+            return 0
+        if self.config.min_batch_context is None and not self.dense_decode:
+            return 0
+        kv_itemsize = self.kv_pool.get_key_buffer(self.pool.sparse_layers[0]).element_size()
+        return self.config.batch_context_threshold(self.num_kv_heads, self.head_dim, kv_itemsize)
+
+    @property
+    def switches(self) -> bool:
+        """Whether decode batches can take either path (two CUDA-graph variants per batch size)."""
+        return self.min_batch_context > 0
+
+    def dense_step(self, forward_batch) -> bool:
+        """Whether this decode batch attends densely: its total context is below ``min_batch_context``
+        (host-side lengths: no sync)."""
+        if not self.switches:
+            return False
+        total = forward_batch.seq_lens_sum
+        if total is None:
+            total = int(forward_batch.seq_lens_cpu.sum())
+        return total < self.min_batch_context
+
+    @contextlib.contextmanager
+    def capturing(self, dense: bool):
+        """The decode path a CUDA graph records while this is entered (``patches/cuda_graph.py``)."""
+        self._dense_step = dense
+        try:
+            yield
+        finally:
+            self._dense_step = False
+
     # ---- metadata -------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode_or_idle():
+            self._dense_step = self.dense_step(forward_batch)
             if self.dense_decode:
                 self.dense.init_forward_metadata(forward_batch)
             self._plan_decode(forward_batch, mutate=True)
@@ -116,9 +160,15 @@ class RaBitQAttnBackend(AttentionBackend):
             self.request_budgets.collect()
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        # CUDA graphs cover decode only; this runs eagerly before capture and before each replay
+        # CUDA graphs cover decode only; this runs eagerly before capture and before each replay.
+        # Both variants of a batch size (dense, sparse steps) share the dense backend's graph state:
+        # it is made once, and the second capture plans it as a replay would
         if self.dense_decode:
-            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+            bs = forward_batch.batch_size
+            first = in_capture and bs not in self._dense_captured
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=first)
+            if first:
+                self._dense_captured.add(bs)
         self._plan_decode(forward_batch, mutate=not in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -158,7 +208,8 @@ class RaBitQAttnBackend(AttentionBackend):
         return out
 
     def _attends_densely(self, layer_id: int) -> bool:
-        return not self.pool.is_sparse(layer_id) or (self.config.top_p >= 1.0 and self.config.max_budget >= 1.0)
+        return (not self.pool.is_sparse(layer_id) or (self.config.top_p >= 1.0 and self.config.max_budget >= 1.0)
+                or self._dense_step)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         lid = layer.layer_id
@@ -180,7 +231,7 @@ class RaBitQAttnBackend(AttentionBackend):
             q = q.reshape(bsz, self.num_q_heads, self.head_dim)
             out = torch.empty_like(q)
             rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
-                                sm_scale=layer.scaling, top_p=self.config.top_p, dense=not sparse,
+                                sm_scale=layer.scaling, top_p=self.config.top_p, dense=dense,
                                 rounding=self.config.rounding, score_temperature=self.config.score_temperature,
                                 top_p_scope=self.config.top_p_scope, center=self.pool.center[lid], pending=pending,
                                 max_budget=self.config.max_budget)
@@ -192,5 +243,7 @@ class RaBitQAttnBackend(AttentionBackend):
             self.stats.add("attended_tokens", attended.sum())
             self.stats.add("context_tokens", seq_lens.sum() * self.num_kv_heads)
             self.stats.add("decode_steps", 1)
+            if self._dense_step:
+                self.stats.add("dense_steps", 1)
             self.request_budgets.add_step(forward_batch.req_pool_indices[:bsz], seq_lens, attended, self.num_kv_heads)
         return out

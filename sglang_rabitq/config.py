@@ -8,6 +8,9 @@ from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.validation import check_choice, check_fraction, check_non_negative
 
 CENTER_MODES = ("none", "calibrate")
+# without --rabitq-min-batch-context, decode batches attend densely while one layer's K/V of the whole
+# batch is below this many bytes (a per-layer cost the sparse path's fixed latency cannot beat; see the README)
+AUTO_DENSE_KV_BYTES = 256 << 20
 ROUNDING_MODES = ("nearest", "random")
 
 
@@ -24,6 +27,11 @@ class RaBitQConfig:
     window: int = 64  # last tokens always attended (plus the not-yet-encoded tail)
     dense_layers: int = 2  # first layers attend densely
     encode_chunk: int = 64  # decoded tokens are encoded in batches of this many
+    # decode batches whose total context (tokens, summed over requests) is below this attend densely in
+    # every layer, through the dense backend and its own CUDA graphs: where attention is cheap the sparse
+    # path's fixed cost per layer exceeds what it saves. None: the backend picks (``min_batch_context``
+    # in backend.py); 0: always sparse
+    min_batch_context: int | None = None
     # key centring: per (layer, kv-head) mean of the first prefill keys, or none; the fidelity studies
     # keep more true mass at equal K/V with it on all three models (most on Qwen2.5: fidelity-qwen05/)
     center: str = "calibrate"
@@ -38,6 +46,8 @@ class RaBitQConfig:
         check_non_negative(
             sink=self.sink, window=self.window, dense_layers=self.dense_layers, seed=self.seed
         )
+        if self.min_batch_context is not None:
+            check_non_negative(min_batch_context=self.min_batch_context)
         for name in ("encode_chunk", "calibrate_tokens"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
@@ -55,3 +65,10 @@ class RaBitQConfig:
             if v is not None:
                 values[f.name] = v
         return cls(**values)
+
+    def batch_context_threshold(self, kv_heads: int, head_dim: int, kv_itemsize: int) -> int:
+        """``min_batch_context`` in tokens: as given, or the context whose K and V of one layer
+        (``kv_heads`` of this GPU) fill ``AUTO_DENSE_KV_BYTES``."""
+        if self.min_batch_context is not None:
+            return int(self.min_batch_context)
+        return AUTO_DENSE_KV_BYTES // (2 * kv_heads * head_dim * kv_itemsize)

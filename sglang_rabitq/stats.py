@@ -15,8 +15,10 @@ import torch
 
 logger = logging.getLogger("sglang_rabitq")
 LOG_EVERY_S = float(os.environ.get("SGLANG_RABITQ_LOG_EVERY_S", "10"))  # 0: after every batch
-# dense_fallback_requests: decode rows past the workspace's capacity (see DecodePlan), attended densely
-FIELDS = ("attended_tokens", "context_tokens", "codes_reused", "codes_encoded", "decode_steps", "dense_fallback_requests")
+# dense_fallback_requests: decode rows past the workspace's capacity (see DecodePlan), attended densely;
+# dense_steps: decode steps whose batch context was below --rabitq-min-batch-context (every layer dense)
+FIELDS = ("attended_tokens", "context_tokens", "codes_reused", "codes_encoded", "decode_steps", "dense_fallback_requests",
+          "dense_steps")
 
 
 class RaBitQStats:
@@ -84,9 +86,9 @@ class RaBitQStats:
         snap = self.snapshot()
         budget = "n/a" if snap["budget"] is None else f"{snap['budget']:.3f}"
         logger.info(
-            "rabitq: decode budget %s (attended %d of %d token-heads over %d steps), codes reused %d, "
+            "rabitq: decode budget %s (attended %d of %d token-heads over %d steps, %d of them dense), codes reused %d, "
             "encoded %d, prefill encode %.2f s, dense fallback %d request-steps",
-            budget, snap["attended_tokens"], snap["context_tokens"], snap["decode_steps"],
+            budget, snap["attended_tokens"], snap["context_tokens"], snap["decode_steps"], snap["dense_steps"],
             snap["codes_reused"], snap["codes_encoded"], snap["encode_seconds"], snap["dense_fallback_requests"],
         )
         if self._prom is not None:

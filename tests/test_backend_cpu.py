@@ -401,3 +401,54 @@ def test_a_finished_request_reports_its_own_decode_budget():
     snap = b.stats.snapshot()  # the global counters saw exactly these steps
     assert snap["context_tokens"] == context and snap["attended_tokens"] == round(attended)
     assert not b.request_budgets.counts[row].any()  # the row starts afresh for req-b
+
+
+def test_a_batch_below_min_batch_context_attends_densely_and_keeps_the_codes_current():
+    """Short batches take the dense path in every layer (exact attention), the lazy encode goes on, and
+    once the batch's total context reaches the threshold the same requests decode sparsely."""
+    h = Harness()
+    cfg = dataclasses.replace(CFG, min_batch_context=400)
+    b = make(h, cfg)
+    d = TorchNativeAttnBackend(h.runner)
+    assert b.switches and b.min_batch_context == 400
+    row, _ = prefill(h, b, list(range(300)))
+    length = 300
+    for _ in range(30):  # a batch of 301..330 tokens: dense
+        slot = h.append_token(row, length)
+        fb = h.decode_batch([row], [length + 1], slot)
+        b.init_forward_metadata(fb)
+        d.init_forward_metadata(fb)
+        assert b.dense_step(fb)
+        q, k, v = h.rand_qkv(1)
+        for layer in h.layers:
+            ours = b.forward(q, k, v, layer, fb)
+            dense = d.forward(q, k, v, layer, fb, save_kv_cache=False)
+            assert torch.allclose(ours.float(), dense.float(), atol=2e-2, rtol=2e-2)
+        length += 1
+    # the lazy refresh kept pace: whole chunks older than the window are encoded, and correctly
+    enc = int(b.pool.encoded_len[row])
+    assert length - enc < cfg.window + cfg.encode_chunk
+    assert_codes_match(b, h, h.req_pool.req_to_token[row, :enc].long())
+    snap = b.stats.snapshot()
+    assert snap["dense_steps"] == 30 and snap["attended_tokens"] == snap["context_tokens"]
+    # a second request lifts the batch's context past the threshold: both decode sparsely
+    row2, _ = prefill(h, b, list(range(5000, 5100)))
+    slots = torch.cat([h.append_token(row, length), h.append_token(row2, 100)])
+    fb = h.decode_batch([row, row2], [length + 1, 101], slots)
+    assert not b.dense_step(fb)
+    h.run(b, fb, 2)
+    snap = b.stats.snapshot()
+    assert snap["dense_steps"] == 30 and snap["decode_steps"] == 31
+    assert snap["attended_tokens"] < snap["context_tokens"]
+
+
+def test_without_a_dense_decode_kernel_the_threshold_applies_only_when_asked():
+    h = Harness()
+    assert make(h).min_batch_context == 0  # torch_native decodes outside CUDA graphs: no automatic switch
+    assert make(h, dataclasses.replace(CFG, top_p=1.0)).min_batch_context == 0  # nothing selects anyway
+    auto = RaBitQConfig(min_batch_context=None)
+    # the automatic threshold: one layer's K and V of the batch fill AUTO_DENSE_KV_BYTES
+    from sglang_rabitq.config import AUTO_DENSE_KV_BYTES
+
+    assert auto.batch_context_threshold(2, 128, 2) == AUTO_DENSE_KV_BYTES // 1024 == 262144
+    assert auto.batch_context_threshold(8, 128, 2) == 65536

@@ -359,11 +359,12 @@ if __name__ != "__main__":
                      "CUDA graph on/off identical", "openai chat", "openai streaming"):
             assert checks[name]["passed"], checks[name]
         assert not checks["top-p 1.0 greedy text identical to dense"]["passed"]
+        assert not checks["below the automatic batch-context threshold: greedy text identical to dense"]["passed"]
         # every greedy pass starts from an empty radix cache: one flush per pass, each server
         logs = tmp_path / "logs"
         flushes = {name: (logs / f"smoke-{name}.log").read_text().count("flush_cache")
-                   for name in ("dense", "p1", "sparse", "nograph", "dense-nograph")}
-        assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1}
+                   for name in ("dense", "p1", "sparse", "nograph", "dense-nograph", "auto")}
+        assert flushes == {"dense": 2, "p1": 1, "sparse": 2, "nograph": 2, "dense-nograph": 1, "auto": 1}
         # the dense and the default rabitq server each compile into a fresh Triton cache of their own
         caches = {name: next(line for line in (logs / f"smoke-{name}.log").read_text().splitlines()
                              if line.startswith("fake triton cache")).split()[-1] for name in flushes}
@@ -374,9 +375,12 @@ if __name__ != "__main__":
         (tmp_path / "cache" / "b2").mkdir()
         (tmp_path / "cache" / "lock").write_text("")
         assert e2e_smoke.compiled_kernels(tmp_path / "cache") == 2 and e2e_smoke.compiled_kernels(tmp_path / "none") == 0
-        for name in ("p1", "sparse", "nograph", "dense"):  # --rabitq-args reach the rabitq servers only
+        for name in ("p1", "sparse", "nograph", "dense", "auto"):  # --rabitq-args reach the rabitq servers only
             argv = next(line for line in (logs / f"smoke-{name}.log").read_text().splitlines() if "fake sglang" in line)
             assert ("'--rabitq-center', 'calibrate'" in argv) == (name != "dense"), (name, argv)
+            # the graph on/off pair shares a threshold that splits the prompts between the two paths
+            switch = f"'--rabitq-min-batch-context', '{e2e_smoke.SWITCH_AT}'"
+            assert (switch in argv) == (name in ("sparse", "nograph")), (name, argv)
 
     def test_profile_decode_driver(fake, tmp_path):
         out = tmp_path / "profile.json"
@@ -436,6 +440,21 @@ if __name__ != "__main__":
         args = ap.parse_args(["--samples", "5"])
         apply_quick(ap, args, {"samples": 3})
         assert args.samples == 5
+
+    def test_bench_decode_times_an_always_sparse_server_beside_the_configured_one(fake, tmp_path):
+        out = tmp_path / "speed.json"
+        bench_decode.main(["--model", str(fake), "--port", str(_port()), "--out", str(out), "--contexts", "2048",
+                           "--batches", "2", "--gen", "8", "--prefill-reps", "1", "--repeats", "1",
+                           "--backends", "dense,rabitq,rabitq-sparse", "--metrics-settle", "0.3",
+                           "--rabitq-args=--rabitq-min-batch-context 4096"])
+        data = json.loads(out.read_text())
+        assert all(r["always_sparse"]["speedup"] > 0 for r in data["rows"])
+        logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("speed-*.log")}
+        (sparse_log,) = [text for name, text in logs.items() if name.startswith("speed-2-")]
+        # the run's own threshold first, then 0, which SGLang's parser takes (the last value wins)
+        assert "'--rabitq-min-batch-context', '4096', '--rabitq-min-batch-context', '0'" in sparse_log
+        (configured,) = [text for name, text in logs.items() if name.startswith("speed-1-")]
+        assert "'--rabitq-min-batch-context', '0'" not in configured
 
     def test_bench_decode_skips_points_beyond_the_kv_pool(fake, tmp_path):
         out = tmp_path / "speed.json"

@@ -104,6 +104,12 @@ def test_combine_reports_speedup_and_amdahl_limit():
     assert rows[32768]["amdahl_limit"] == pytest.approx(4.0)
     assert rows[32768]["encode_overhead_ms"] == pytest.approx(30.0)
     assert rows[1024]["amdahl_limit"] == pytest.approx(1.0)
+    assert "always_sparse" not in rows[32768]
+    # a third server with every step sparse: its own speedup beside the configured one's
+    runs["rabitq-sparse"] = {"points": [pt(1024, 12.5), pt(32768, 16.0)], "prefill_ms": {}}
+    rows = {r["context"]: r for r in combine(runs, 1024, "m")}
+    assert rows[32768]["always_sparse"]["speedup"] == pytest.approx(2.5)
+    assert rows[1024]["always_sparse"]["speedup"] == pytest.approx(0.8) and rows[1024]["speedup"] == pytest.approx(1.0)
 
 
 def test_llama8b_config(tmp_path):

@@ -38,7 +38,8 @@ def test_flags_reach_server_args_and_are_validated(tmp_path):
         load_plugins()
         from sglang.srt.server_args import prepare_server_args
         base = ['--model-path', {str(tmp_path)!r}, '--attention-backend', 'rabitq', '--skip-tokenizer-init', '--device', 'cpu']
-        a = prepare_server_args(base + ['--rabitq-top-p', '0.8', '--rabitq-window', '32', '--rabitq-max-budget', '0.2'])
+        a = prepare_server_args(base + ['--rabitq-top-p', '0.8', '--rabitq-window', '32', '--rabitq-max-budget', '0.2',
+                                        '--rabitq-min-batch-context', '0'])
         print('CONFIG', os.environ['SGLANG_RABITQ_CONFIG'])
         print('PREFILL_GRAPH_OFF', a.disable_prefill_cuda_graph)
         try:
@@ -49,7 +50,7 @@ def test_flags_reach_server_args_and_are_validated(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads(r.stdout.split("CONFIG ", 1)[1].splitlines()[0])
     assert config["config"]["top_p"] == 0.8 and config["config"]["window"] == 32
-    assert config["config"]["max_budget"] == 0.2
+    assert config["config"]["max_budget"] == 0.2 and config["config"]["min_batch_context"] == 0
     assert config["prefill"] == "flashinfer"
     assert "PREFILL_GRAPH_OFF True" in r.stdout
     assert "REJECTED sink must be a non-negative integer" in r.stdout
@@ -61,7 +62,7 @@ def test_help_lists_backend_and_flags():
     assert "rabitq}" in r.stdout  # a choice of --attention-backend
     for flag in ("--rabitq-top-p", "--rabitq-score-temperature", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
                  "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-calibrate-tokens", "--rabitq-rounding", "--rabitq-top-p-scope",
-                 "--rabitq-max-budget", "--rabitq-prefill-backend"):
+                 "--rabitq-max-budget", "--rabitq-prefill-backend", "--rabitq-min-batch-context"):
         assert flag in r.stdout
 
 
@@ -84,9 +85,10 @@ def test_memory_hook_targets_exist_and_cost_is_counted():
 
 
 @pytest.mark.parametrize("field,value", [("encode_chunk", 0), ("calibrate_tokens", 0), ("calibrate_tokens", 2.5),
-                                         ("center", "mean"), ("top_p", 0.0), ("max_budget", 0.0), ("max_budget", 1.5)])
+                                         ("center", "mean"), ("top_p", 0.0), ("max_budget", 0.0), ("max_budget", 1.5),
+                                         ("min_batch_context", -1), ("min_batch_context", 2.5)])
 def test_bad_settings_are_refused_naming_the_setting(field, value):
     from sglang_rabitq.config import RaBitQConfig
 
-    with pytest.raises(ValueError, match=field if field == "max_budget" else field.split("_")[0]):
+    with pytest.raises(ValueError, match=field if field in ("max_budget", "min_batch_context") else field.split("_")[0]):
         RaBitQConfig(**{field: value})
