@@ -1,5 +1,5 @@
 """End-to-end smoke test of `--attention-backend rabitq` against the dense `flashinfer` backend:
-five servers of one model on one GPU, started one after another by this script:
+six servers of one model on one GPU, started one after another by this script:
 
     python eval/e2e_smoke.py --model /tmp/models/smollm2 --out eval/results/e2e_smoke.json
 
@@ -109,7 +109,7 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=31000)
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--mem-fraction-static", type=float, default=0.15)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.12, help="of each of the six servers")
     ap.add_argument("--out", default="eval/results/e2e_smoke.json")
     ap.add_argument("--rabitq-args", default="",
                     help='extra flags for every rabitq server: --rabitq-args="--rabitq-center calibrate"')
