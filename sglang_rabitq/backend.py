@@ -32,6 +32,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 logger = logging.getLogger("sglang_rabitq")
+STEP_FIELDS = ("attended_tokens", "context_tokens", "decode_steps", "dense_steps")  # counted once per decode step
 
 
 def _tp_rank_and_size(model_runner) -> tuple[int, int]:
@@ -79,8 +80,8 @@ class RaBitQAttnBackend(AttentionBackend):
         self.min_batch_context = self._min_batch_context()
         self._dense_captured = set()  # batch sizes whose CUDA-graph state the dense backend has made
         self._compile_eager_kernels()
-        logger.info(
-            "rabitq: decode batches under %d context tokens attend densely", self.min_batch_context)
+        if self.switches:
+            logger.info("rabitq: decode batches under %d context tokens attend densely", self.min_batch_context)
         logger.info(
             "rabitq: %s; %d of %d layers sparse; code pool %.1f MiB for %d slots (%d B/token); decode workspace "
             "%.1f MiB; dense prefill: %s",
@@ -240,10 +241,10 @@ class RaBitQAttnBackend(AttentionBackend):
             # budget of this layer as the step's sample (device-side, graph-safe)
             seq_lens = forward_batch.seq_lens[:bsz]
             attended = seq_lens * self.num_kv_heads if dense else self.ws.kept_tokens(bsz).sum(-1)
-            self.stats.add("attended_tokens", attended.sum())
-            self.stats.add("context_tokens", seq_lens.sum() * self.num_kv_heads)
-            self.stats.add("decode_steps", 1)
-            if self._dense_step:
-                self.stats.add("dense_steps", 1)
+            # rows of seq_len 1 are CUDA-graph padding, and the whole batch in the capture's warm-up runs
+            real = (seq_lens > 1).to(torch.int64)
+            step = real.amax()
+            self.stats.add_many(STEP_FIELDS, torch.stack([
+                (attended * real).sum(), (seq_lens * real).sum() * self.num_kv_heads, step, step * int(self._dense_step)]))
             self.request_budgets.add_step(forward_batch.req_pool_indices[:bsz], seq_lens, attended, self.num_kv_heads)
         return out

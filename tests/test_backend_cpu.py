@@ -450,5 +450,21 @@ def test_without_a_dense_decode_kernel_the_threshold_applies_only_when_asked():
     # the automatic threshold: one layer's K and V of the batch fill AUTO_DENSE_KV_BYTES
     from sglang_rabitq.config import AUTO_DENSE_KV_BYTES
 
-    assert auto.batch_context_threshold(2, 128, 2) == AUTO_DENSE_KV_BYTES // 1024 == 262144
-    assert auto.batch_context_threshold(8, 128, 2) == 65536
+    assert auto.batch_context_threshold(2, 128, 2) == AUTO_DENSE_KV_BYTES // 1024 == 524288
+    assert auto.batch_context_threshold(8, 128, 2) == 131072
+
+
+def test_capture_warm_ups_and_padding_rows_are_not_counted_as_decode():
+    """SGLang's CUDA-graph capture runs the batch eagerly with every seq_len 1, and a replayed batch is
+    padded with such rows: neither counts towards the decode steps, budget or context."""
+    h = Harness()
+    b = make(h)
+    row, _ = prefill(h, b, list(range(300)))
+    slot = h.append_token(row, 300)
+    fb = h.decode_batch([row, 1], [301, 1], torch.cat([slot, torch.zeros(1, dtype=torch.int64)]))
+    h.run(b, fb, 2)
+    snap = b.stats.snapshot()
+    assert snap["decode_steps"] == 1 and snap["context_tokens"] == 301 * 2
+    warm_up = h.decode_batch([2, 3], [1, 1], torch.zeros(2, dtype=torch.int64))
+    h.run(b, warm_up, 2)
+    assert b.stats.snapshot() == snap
