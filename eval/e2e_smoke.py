@@ -5,13 +5,14 @@ six servers of one model on one GPU, started one after another by this script:
 
 Checks: OpenAI chat / completion / streaming answer; `--rabitq-top-p 1.0` gives the same greedy
 text as dense on every prompt, and so does a server at its defaults, whose automatic
-`--rabitq-min-batch-context` decodes every batch of this smoke densely; a multi-turn conversation over a shared long document reuses codes
-(radix cache) and matches dense; CUDA graphs on and off give identical output (with a batch-context
-threshold that sends about half of the prompts down each path, so both graph variants are replayed) (the dense backend's
-own on/off agreement is reported beside it); a repeat run on the same server is identical; the
-first concurrent batches (3, 9 and 16 requests, sizes the server has not run yet) compile no more
-Triton kernels than they make the dense server compile. Every greedy pass starts from an empty radix
-cache, so all servers compute the same prompts the same way.
+`--rabitq-min-batch-context` decodes every batch of this smoke densely; a multi-turn conversation
+over a shared long document reuses codes (radix cache) and matches dense; CUDA graphs on and off give
+identical output, with a batch-context threshold that sends about half of the prompts down each path,
+so both graph variants are replayed (the dense backend's own on/off agreement is reported beside it);
+a repeat run on the same server is identical; the first concurrent batches (3, 9 and 16 requests,
+sizes the server has not run yet) compile no more Triton kernels than they make the dense server
+compile. Every greedy pass starts from an empty radix cache, so all servers compute the same prompts
+the same way.
 """
 
 from __future__ import annotations
