@@ -124,9 +124,10 @@ class RaBitQAttnBackend(AttentionBackend):
         if not self.switches:
             return False
         total = forward_batch.seq_lens_sum
-        if total is None:
+        if total is None and forward_batch.seq_lens_cpu is not None:
             total = int(forward_batch.seq_lens_cpu.sum())
-        return total < self.min_batch_context
+        # no host-side lengths (an idle batch of data-parallel attention): the dense backend's path
+        return total is None or total < self.min_batch_context
 
     @contextlib.contextmanager
     def capturing(self, dense: bool):

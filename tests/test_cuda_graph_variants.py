@@ -58,6 +58,15 @@ def test_each_batch_size_is_captured_once_per_path_and_replays_the_one_its_conte
     assert captured[cuda_graph._around_resolve_variant(original, runner, long)] is False
 
 
+def test_the_choice_reads_host_lengths_only():
+    h, backend = backend_for(CFG)
+    fb = h.decode_batch([0, 1], [200, 300], torch.zeros(2, dtype=torch.int64))
+    fb.seq_lens_sum = None  # the host-side tensor still says 500
+    assert not backend.dense_step(fb)
+    fb.seq_lens_cpu = None  # nothing on the host (an idle batch): the dense backend's path, no sync
+    assert backend.dense_step(fb)
+
+
 def test_a_lora_label_keeps_its_part():
     assert cuda_graph.path_label("lora", True) == "lora+rabitq-dense"
     assert cuda_graph.path_label(None, False) == "rabitq-sparse"
