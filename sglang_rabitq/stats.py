@@ -42,10 +42,6 @@ class RaBitQStats:
         names["encode_seconds"] = Counter("sglang_rabitq_encode_seconds", "RaBitQ prefill encode time (s)")
         return names
 
-    def add(self, field: str, value) -> None:
-        """Add a device scalar or a host int to a counter (no host sync)."""
-        self.counters[FIELDS.index(field)] += value
-
     def add_many(self, fields: tuple[str, ...], values: torch.Tensor) -> None:
         """Add a device vector to several counters in one launch (no host sync)."""
         idx = self._index.get(fields)
