@@ -24,26 +24,28 @@ import subprocess
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
-from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel
+from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel, _encode_layers_kernel
 from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import PRIOR_BLOCK, _prepare_query_kernel
-from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel
+from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel, score_max_registers
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
-KERNELS = ("score", "attention", "encode", "query", "threshold", "merge", "plan")
+KERNELS = ("score", "attention", "encode", "encode_layers", "query", "threshold", "merge", "plan")
 
 POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_ptr": "*fp16", "qscal_ptr": "*fp32",
                  "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32",
                  "rot_ptr": "*fp32", "center_ptr": "*fp32", "out_ptr": "*bf16", "slot_ptr": "*i64",
                  # the planner's: SGLang's req_pool_indices and seq_lens are int64, the pool flags bool (as int8)
                  "rpi_ptr": "*i64", "seq_ptr": "*i64", "valid_ptr": "*i8", "slots_ptr": "*i64", "totals_ptr": "*i64",
-                 "seed_ptr": "*i64", "prior_ptr": "*fp32"}
+                 "seed_ptr": "*i64", "prior_ptr": "*fp32",
+                 "key_table_ptr": "*i64"}  # the layers' key buffers, as addresses
 
 
 def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
@@ -59,6 +61,8 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
         return _sparse_attention_kernel, consts
     if name == "encode":
         return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
+    if name == "encode_layers":  # bf16 keys
+        return _encode_layers_kernel, dict(K_DTYPE=tl.bfloat16, D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
     if name == "query":
         # with the sink/window mass of top-p over the context and the lazy encode at the default chunk
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
@@ -72,7 +76,7 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     raise ValueError(f"unknown kernel {name!r}")
 
 
-def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str]):
+def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str], maxnreg: int | None = None):
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -87,7 +91,7 @@ def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if (sig[n].startswith("*") or n.startswith("stride")) and n not in not_aligned}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
 
 
 def _tool(name: str) -> str:
@@ -134,13 +138,16 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap (default: the launcher's)")
     ap.add_argument("--not-aligned", default="stride_ch,stride_fn")
     ap.add_argument("--num-chunks", type=int, default=128, help="chunks per request (threshold and merge kernels)")
     ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
     ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")
     args = ap.parse_args()
     fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks)
-    compiled = compile_kernel(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))))
+    maxnreg = args.maxnreg or (score_max_registers(args.group) if args.kernel == "score" else None)
+    compiled = compile_kernel(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))),
+                              maxnreg)
     if args.resources:
         r = resources(compiled)
         print(f"{args.kernel}: {r['registers']} registers per thread, {r['spill_stores']} B spill stores, "

@@ -4,8 +4,9 @@ Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
 ``prepare_query`` (rotate + INT4 + bit-planes, and the lazy encode of keys that left the window) ->
 ``score_chunks`` (estimate once, fp16 logits to the workspace, chunk max + histogram) ->
 ``top_p_threshold`` (per query head) [-> ``cap_union`` with ``--rabitq-max-budget``] -> ``sparse_attention`` (select, compact, exact attention, split
-over chunks) -> ``merge_partials``. ``encode_slots`` writes codes at prefill (and in decode for layers
-that attend densely).
+over chunks) -> ``merge_partials``. ``encode_slots_all_layers`` writes the codes of a forward batch's
+new keys for every sparse layer in one launch (at prefill, and for a decode step that attends
+densely); ``encode_slots`` one layer's.
 ``plan_decode`` plans each decode batch (once, before the layers run) in one launch.
 
 Integer arguments that change from batch to batch (batch size, chunk count, slot count) are marked
@@ -15,7 +16,7 @@ kernel runs outside the CUDA graphs at every decode step; ``tests/test_compile_o
 """
 
 from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer
-from sglang_rabitq.kernels.encode import encode_slots
+from sglang_rabitq.kernels.encode import encode_slots, encode_slots_all_layers, key_pointers
 from sglang_rabitq.kernels.plan import plan_decode
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import score_chunks
@@ -27,6 +28,8 @@ __all__ = [
     "DecodeWorkspace",
     "cap_union",
     "encode_slots",
+    "encode_slots_all_layers",
+    "key_pointers",
     "merge_partials",
     "plan_decode",
     "prepare_query",

@@ -1,7 +1,9 @@
 """Encode keys of given KV-pool slots into 1-bit codes + fused factor (reference: ``encode_keys``).
 
-``encode_block`` is the body: the prefill/refresh kernel here runs it over a slot list, and the
-query kernel runs it over each request's lazy-encode chunk of a decode step (no launch of its own).
+``encode_block`` is the body: the kernels here run it over a slot list, for one layer
+(``encode_slots``) or for every sparse layer in one launch (``encode_slots_all_layers``: a forward
+batch's new keys once its last sparse layer has written them), and the query kernel runs it over each
+request's lazy-encode chunk of a sparse decode step (no launch of its own).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import triton.language as tl
 ENCODE_BLOCK_N = 64  # keys per program (one lazy-encode chunk of a request at the default chunk size)
 ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
 ENCODE_WARPS = 4
+KEY_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -80,4 +83,61 @@ def encode_slots(
         k_buf, slots, rot, center, codes, factor, n,
         k_buf.stride(0), k_buf.stride(1), codes.stride(0), codes.stride(1), factor.stride(0),
         D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
+    )
+
+
+@triton.jit(do_not_specialize=["n_slots"])
+def _encode_layers_kernel(
+    key_table_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
+    stride_kn, stride_kh, stride_cl, stride_cn, stride_ch, stride_fl, stride_fn,
+    K_DTYPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    layer = tl.program_id(2).to(tl.int64)  # (a layer's code buffer may pass 2^31 elements)
+    heads = tl.num_programs(1)
+    # the KV pool keeps a tensor per layer; torch allocations are aligned (as Triton's launcher would
+    # find a tensor argument to be: vector loads of the keys)
+    k_ptr = tl.multiple_of(tl.load(key_table_ptr + layer).to(tl.pointer_type(K_DTYPE)), 16)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
+    encode_block(k_ptr, slots, rot_ptr + layer * heads * D * D, center_ptr + layer * heads * D,
+                 code_ptr + layer * stride_cl, factor_ptr + layer * stride_fl, tl.program_id(1),
+                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, D, BLOCK_N, BLOCK_D)
+
+
+def key_pointers(k_bufs: list[torch.Tensor]) -> torch.Tensor:
+    """The device table of the layers' key buffers that ``encode_slots_all_layers`` reads (int64
+    addresses; the buffers must outlive it and share shape, strides and dtype)."""
+    first = k_bufs[0]
+    for k in k_bufs:
+        if (k.shape, k.stride(), k.dtype, k.device) != (first.shape, first.stride(), first.dtype, first.device):
+            raise ValueError("every layer's key buffer must have the same shape, strides, dtype and device")
+    if first.dtype not in KEY_DTYPES:
+        raise ValueError(f"keys of dtype {first.dtype} cannot be encoded (supported: {', '.join(map(str, KEY_DTYPES))})")
+    return torch.tensor([k.data_ptr() for k in k_bufs], dtype=torch.int64, device=first.device)
+
+
+def encode_slots_all_layers(
+    k_ptrs: torch.Tensor,
+    k_like: torch.Tensor,
+    slots: torch.Tensor,
+    rot: torch.Tensor,
+    center: torch.Tensor,
+    codes: torch.Tensor,
+    factor: torch.Tensor,
+) -> None:
+    """``encode_slots`` for L layers in one launch: layer ``l``'s keys at ``k_ptrs[l]`` (``key_pointers``;
+    ``k_like``: one of those buffers, for shape, strides and dtype) into ``codes[l]`` and ``factor[l]``,
+    with ``rot [L, H, D, D]`` and ``center [L, H, D]`` (contiguous), ``codes [L, slots, H, D/32]``,
+    ``factor [L, slots, H]``."""
+    n, layers = slots.numel(), k_ptrs.numel()
+    if n == 0 or layers == 0:
+        return
+    _, h, d = k_like.shape
+    if not (rot.is_contiguous() and center.is_contiguous()) or rot.shape[0] != layers or center.shape[0] != layers:
+        raise ValueError(f"rot and center must be contiguous with {layers} layers")
+    _encode_layers_kernel[(triton.cdiv(n, ENCODE_BLOCK_N), h, layers)](
+        k_ptrs, slots, rot, center, codes, factor, n,
+        k_like.stride(0), k_like.stride(1), codes.stride(0), codes.stride(1), codes.stride(2),
+        factor.stride(0), factor.stride(1),
+        K_DTYPE=KEY_DTYPES[k_like.dtype], D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
     )

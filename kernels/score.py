@@ -35,6 +35,15 @@ HIST_BLOCK_N = 512  # logits per inner block of the histogram
 HEADS_AT_ONCE_FROM = tl.constexpr(4)
 
 
+def score_max_registers(group: int) -> int:
+    """Register cap of a score program. Uncapped, the Llama-3.1-8B shape (4 x 128, 2 warps) ran at 168
+    registers, 12 resident warps per SM, while the estimate loop stalls on L1 (Nsight Compute on an
+    H200: 0.7 eligible warps per scheduler, issue slots 44 % busy). At 128 nothing spills up to 7
+    heads a group; 8 heads spill at 128 (36-108 B) and not at 160. Decode step 1.00-1.20x on the four
+    shapes measured, none slower (ab_step-score-maxnreg.md, H100); a cap of 96 was mixed."""
+    return 128 if group <= 7 else 160
+
+
 def score_num_warps(group: int, head_dim: int) -> int:
     """Warps per score program. A [group_pad, 128] tile of D-bit estimates on 2 warps needs ~254
     registers per thread at 8 x 128 (Qwen2.5-1.5B: 12/2 heads, D 128), 4 programs per SM; on 4 warps
@@ -131,7 +140,7 @@ def score_chunks(
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], HW=HW_POPCOUNT,
-        num_warps=num_warps or score_num_warps(group, d),
+        num_warps=num_warps or score_num_warps(group, d), maxnreg=score_max_registers(group),
     )
 
 

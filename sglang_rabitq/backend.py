@@ -1,12 +1,14 @@
 """``--attention-backend rabitq``: dense prefill through SGLang's own kernels, RaBitQ sparse decode.
 
 The backend object only plans metadata; the work is in ``sglang_rabitq.kernels``:
-- extend / prefill / mixed batches: the dense backend attends and saves K/V; then the keys of
-  every new token, and of any reused prefix slot without a valid code, are encoded per layer;
+- extend / prefill / mixed batches: the dense backend attends and saves K/V; once the last sparse
+  layer has, the keys of every new token, and of any reused prefix slot without a valid code, are
+  encoded for all sparse layers in one launch;
 - decode: a batch whose total context is below ``min_batch_context`` attends densely in every layer
-  (the dense backend's kernel; with CUDA graphs, a graph variant of its own: ``patches/cuda_graph.py``);
-  otherwise each sparse layer runs query (with the lazy refresh: a chunk of older window tokens may be
-  encoded) -> score -> threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
+  (the dense backend's kernel; with CUDA graphs, a graph variant of its own: ``patches/cuda_graph.py``),
+  and its lazy refresh is one launch after the last layer, as at extend; otherwise each sparse layer
+  runs query (with the lazy refresh: a chunk of older window tokens may be encoded) -> score ->
+  threshold -> sparse attention over the slot-indexed codes. Layers that attend densely
   (the first ``dense_layers``, or all at top-p 1) use the dense backend's own decode kernel, so
   top-p 1 gives exactly the dense backend's output.
 """
@@ -21,7 +23,13 @@ import torch
 from sglang_rabitq.calibration import CenterCalibration
 from sglang_rabitq.code_pool import CodePool
 from sglang_rabitq.config import RaBitQConfig
-from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
+from sglang_rabitq.kernels import (
+    DecodeWorkspace,
+    encode_slots,
+    encode_slots_all_layers,
+    key_pointers,
+    rabitq_decode_layer,
+)
 from sglang_rabitq.kernels.decode import WORKSPACE_TOKENS_PER_SLOT
 from sglang_rabitq.model_check import check_runner
 from sglang_rabitq.planner import DecodePlanner, plan_extend
@@ -70,6 +78,8 @@ class RaBitQAttnBackend(AttentionBackend):
         self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device,
                                   max_tokens=WORKSPACE_TOKENS_PER_SLOT * num_slots)
         self.planner = DecodePlanner(self.pool, self.ws, max_bs, self.device)
+        sparse_keys = [self.kv_pool.get_key_buffer(lid) for lid in self.pool.sparse_layers]
+        self._key_ptrs = key_pointers(sparse_keys) if sparse_keys else None
         metrics = bool(getattr(model_runner.server_args, "enable_metrics", False))
         self.stats = RaBitQStats(self.device, metrics)
         self.request_budgets = RequestBudgets(max_bs, self.device, metrics)
@@ -99,8 +109,16 @@ class RaBitQAttnBackend(AttentionBackend):
             return
         lid = self.pool.sparse_layers[0]
         codes, factor, rot = self.pool.buffers(lid)
-        encode_slots(self.kv_pool.get_key_buffer(lid), torch.full((1,), -1, dtype=torch.int64, device=self.device),
-                     rot, self.pool.center[lid], codes, factor)
+        nothing = torch.full((1,), -1, dtype=torch.int64, device=self.device)
+        encode_slots(self.kv_pool.get_key_buffer(lid), nothing, rot, self.pool.center[lid], codes, factor)
+        self._encode_all_layers(nothing)
+
+    def _encode_all_layers(self, slots: torch.Tensor) -> None:
+        """Encode the keys at ``slots`` (-1 skipped) for every sparse layer, in one launch: run once the
+        last sparse layer of a forward has written its keys."""
+        encode_slots_all_layers(self._key_ptrs, self.kv_pool.get_key_buffer(self.last_sparse_layer), slots,
+                                self.pool.stacked_rot, self.pool.sparse_center, self.pool.stacked_codes,
+                                self.pool.stacked_factor)
 
     # ---- dense or sparse decode ---------------------------------------------------------------
     def _min_batch_context(self) -> int:
@@ -201,12 +219,10 @@ class RaBitQAttnBackend(AttentionBackend):
         out = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         lid = layer.layer_id
         if self.pool.is_sparse(lid):
-            k_buf = self.kv_pool.get_key_buffer(lid)
-            self.stats.time_encode(lambda: encode_slots(
-                k_buf, self._extend_slots, self.pool.rot[lid], self.pool.center[lid],
-                self.pool.codes[lid], self.pool.factor[lid]))
             if self.calibration is not None and not self.calibration.done:
-                self.calibration.observe(lid, k.view(-1, self.num_kv_heads, self.head_dim), k_buf)
+                self.calibration.observe(lid, k.view(-1, self.num_kv_heads, self.head_dim), self.kv_pool.get_key_buffer(lid))
+            if lid == self.last_sparse_layer:  # every sparse layer's new keys are in the pool now
+                self.stats.time_encode(lambda: self._encode_all_layers(self._extend_slots))
         return out
 
     def _attends_densely(self, layer_id: int) -> bool:
@@ -217,15 +233,12 @@ class RaBitQAttnBackend(AttentionBackend):
         lid = layer.layer_id
         bsz = forward_batch.batch_size
         k_buf, v_buf = self.kv_pool.get_key_buffer(lid), self.kv_pool.get_value_buffer(lid)
-        sparse = self.pool.is_sparse(lid)
         codes, factor, rot = self.pool.buffers(lid)
-        # lazy refresh: the chunk of window tokens the planner picked (if any), encoded by every sparse
-        # layer; the sparse kernels do it inside their query launch
-        pending = self.planner.encode_slots[: bsz * self.config.encode_chunk] if sparse else None
+        # lazy refresh: the chunk of window tokens the planner picked (if any); a sparse step encodes it
+        # inside every sparse layer's query launch, a dense one in one launch after the last layer
+        pending = self.planner.encode_slots[: bsz * self.config.encode_chunk]
         dense = self._attends_densely(lid)
         if dense and self.dense_decode:
-            if sparse:
-                encode_slots(k_buf, pending, rot, self.pool.center[lid], codes, factor)
             out = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         else:
             if save_kv_cache:
@@ -235,9 +248,11 @@ class RaBitQAttnBackend(AttentionBackend):
             rabitq_decode_layer(q, k_buf, v_buf, codes, factor, rot, self.req_to_token, self.ws, out,
                                 sm_scale=layer.scaling, top_p=self.config.top_p, dense=dense,
                                 rounding=self.config.rounding, score_temperature=self.config.score_temperature,
-                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid], pending=pending,
-                                max_budget=self.config.max_budget)
+                                top_p_scope=self.config.top_p_scope, center=self.pool.center[lid],
+                                pending=None if dense else pending, max_budget=self.config.max_budget)
             out = out.view(bsz, self.num_q_heads * self.head_dim)
+        if dense and lid == self.last_sparse_layer:  # (every sparse layer attended densely)
+            self._encode_all_layers(pending)
         if lid == self.last_sparse_layer:
             # budget of this layer as the step's sample (device-side, graph-safe)
             seq_lens = forward_batch.seq_lens[:bsz]

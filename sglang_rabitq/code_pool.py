@@ -50,14 +50,18 @@ class CodePool:
         self.sparse_layers = list(range(min(config.dense_layers, num_layers), num_layers))
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         words = head_dim // 32
-        self.codes = {}
-        self.factor = {}
-        self.rot = {}
-        for layer in self.sparse_layers:
-            self.codes[layer] = torch.zeros(num_slots, num_kv_heads, words, dtype=torch.int32, device=device)
-            self.factor[layer] = torch.zeros(num_slots, num_kv_heads, dtype=torch.float32, device=device)
-            self.rot[layer] = layer_rotations(
-                head_dim, config.seed, layer, range(kv_head_offset, kv_head_offset + num_kv_heads)).to(device)
+        sparse = len(self.sparse_layers)
+        # one tensor over the sparse layers each (a forward batch's new keys are encoded for all of them
+        # in one launch: ``encode_slots_all_layers``), and per-layer views of them
+        self.stacked_codes = torch.zeros(sparse, num_slots, num_kv_heads, words, dtype=torch.int32, device=device)
+        self.stacked_factor = torch.zeros(sparse, num_slots, num_kv_heads, dtype=torch.float32, device=device)
+        self.stacked_rot = torch.zeros(sparse, num_kv_heads, head_dim, head_dim, dtype=torch.float32, device=device)
+        for i, layer in enumerate(self.sparse_layers):
+            self.stacked_rot[i] = layer_rotations(head_dim, config.seed, layer,
+                                                  range(kv_head_offset, kv_head_offset + num_kv_heads))
+        self.codes = dict(zip(self.sparse_layers, self.stacked_codes))
+        self.factor = dict(zip(self.sparse_layers, self.stacked_factor))
+        self.rot = dict(zip(self.sparse_layers, self.stacked_rot))
         # what a dense layer's launch gets in place of codes: never read (the kernels skip scoring)
         self._placeholders = (
             torch.zeros(1, num_kv_heads, words, dtype=torch.int32, device=device),
@@ -72,8 +76,14 @@ class CodePool:
         self.dump_slot, self.dump_req = num_slots, num_req_slots
 
     def nbytes(self) -> int:
-        tensors = [*self.codes.values(), *self.factor.values(), *self.rot.values(), self.center, self.valid, self.encoded_len]
+        tensors = [self.stacked_codes, self.stacked_factor, self.stacked_rot, self.center, self.valid, self.encoded_len]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def sparse_center(self) -> torch.Tensor:
+        """``[sparse layers, H, D]``: the centres of the sparse layers (a contiguous run of the model's)."""
+        first = self.sparse_layers[0] if self.sparse_layers else self.num_layers
+        return self.center[first:]
 
     def is_sparse(self, layer_id: int) -> bool:
         return layer_id in self.codes

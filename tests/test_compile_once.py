@@ -20,8 +20,14 @@ from conftest import DEVICE
 from kernel_cases import make_batch
 from sglang_rabitq.code_pool import CodePool
 from sglang_rabitq.config import RaBitQConfig
-from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
-from sglang_rabitq.kernels.encode import _encode_kernel
+from sglang_rabitq.kernels import (
+    DecodeWorkspace,
+    encode_slots,
+    encode_slots_all_layers,
+    key_pointers,
+    rabitq_decode_layer,
+)
+from sglang_rabitq.kernels.encode import _encode_kernel, _encode_layers_kernel
 from sglang_rabitq.kernels.plan import _plan_kernel
 from sglang_rabitq.kernels.query import _prepare_query_kernel
 from sglang_rabitq.kernels.score import _score_kernel
@@ -76,16 +82,21 @@ def test_the_decode_planner_compiles_once_for_every_batch_size():
     assert len(set(keys[_plan_kernel])) == 1
 
 
-def test_the_encode_kernel_compiles_once_for_every_slot_count():
-    k_buf = torch.randn(300, 2, 64, device=DEVICE).to(torch.bfloat16)
-    pool = CodePool(RaBitQConfig(dense_layers=0), 300, 4, 1, 2, 64, DEVICE)
+def test_the_encode_kernels_compile_once_for_every_slot_count():
+    """One layer's (calibration) and every sparse layer's (each extend batch, each dense decode step)."""
+    k_bufs = [torch.randn(300, 2, 64, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+    pool = CodePool(RaBitQConfig(dense_layers=0), 300, 4, 2, 2, 64, DEVICE)
     codes, factor, rot = pool.buffers(0)
-    with recorded(_encode_kernel) as keys:
+    key_table = key_pointers(k_bufs)
+    with recorded(_encode_kernel, _encode_layers_kernel) as keys:
         for n in (1, 16, 17, 64, 100):
             slots = torch.randperm(299, device=DEVICE)[:n] + 1
-            encode_slots(k_buf, slots, rot, pool.center[0], codes, factor)
-    assert len(keys[_encode_kernel]) == 5
-    assert len(set(keys[_encode_kernel])) == 1
+            encode_slots(k_bufs[0], slots, rot, pool.center[0], codes, factor)
+            encode_slots_all_layers(key_table, k_bufs[0], slots, pool.stacked_rot, pool.sparse_center,
+                                    pool.stacked_codes, pool.stacked_factor)
+    for kernel in (_encode_kernel, _encode_layers_kernel):
+        assert len(keys[kernel]) == 5, kernel
+        assert len(set(keys[kernel])) == 1, kernel
 
 
 def test_the_decode_layer_kernels_compile_once_across_batch_sizes(fresh_seed):

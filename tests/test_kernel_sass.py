@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
+KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
 
 
 def kernel_sass(*args: str) -> str:
@@ -36,7 +36,16 @@ def test_score_estimate_loop_uses_hardware_popcount_without_barriers():
 @pytest.mark.parametrize("kernel", sorted(KERNEL_WARPS))
 def test_kernels_compile_without_register_spills(kernel, head_dim):
     group = 7 if head_dim == 64 else 4  # Qwen2.5-0.5B and Llama-3.1-8B shapes
-    out = kernel_sass("--kernel", kernel, "--num-warps", str(KERNEL_WARPS[kernel]), "--head-dim", str(head_dim),
+    assert_no_spills(kernel, head_dim, group, KERNEL_WARPS[kernel])
+
+
+@pytest.mark.parametrize("group, head_dim, num_warps", [(8, 64, 2), (6, 128, 4), (8, 128, 4)])
+def test_score_register_cap_spills_nothing_at_larger_groups(group, head_dim, num_warps):
+    assert_no_spills("score", head_dim, group, num_warps)  # (num_warps: score_num_warps')
+
+
+def assert_no_spills(kernel, head_dim, group, num_warps):
+    out = kernel_sass("--kernel", kernel, "--num-warps", str(num_warps), "--head-dim", str(head_dim),
                       "--group", str(group), "--resources", "--top", "1")
     m = re.search(r"(\d+) registers per thread, (\d+) B spill stores, (\d+) B spill loads", out)
     assert m and int(m.group(2)) == 0 and int(m.group(3)) == 0, out.splitlines()[0]
