@@ -46,12 +46,12 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
     """Each launch of one step on its own (run ``s.ours(top_p)`` once first: it fills the workspace)."""
     ws, bs, sm = s.ws, s.bs, s.d**-0.5
     nc = ws.num_chunks(bs)
-    qscal, qbits, thr, plan = ws.qscal[:bs], ws.qbits[:bs], ws.thr[:bs], ws.plan.rows[:bs]
+    qscal, qtable, thr, plan = ws.qscal[:bs], ws.qtable[:bs], ws.thr[:bs], ws.plan.rows[:bs]
     # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
-    out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qbits, prior_lse=ws.prior[:bs], k_buf=s.k,
+    out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qtable, prior_lse=ws.prior[:bs], k_buf=s.k,
                                                   req_to_token=s.r2t, plan=plan, center=s.center, prior_scale=sm)}
     for w in warps:
-        out[f"score_w{w}"] = lambda w=w: score_chunks(qbits, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,
+        out[f"score_w{w}"] = lambda w=w: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,
                                                       ws.stats, sm, s.hkv, nc, num_warps=w)
     out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
     for w in warps:

@@ -32,6 +32,7 @@ from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode_kernel, _encode_layers_kernel
 from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import PRIOR_BLOCK, _prepare_query_kernel
+from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel, score_max_registers
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
@@ -53,7 +54,7 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, HW=True)
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True)
         return _score_kernel, consts
     if name == "attention":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
@@ -65,7 +66,7 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
         return _encode_layers_kernel, dict(K_DTYPE=tl.bfloat16, D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
     if name == "query":
         # with the sink/window mass of top-p over the context and the lazy encode at the default chunk
-        return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
+        return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, WPE=table_words(group), RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
                                            BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D)
     if name == "threshold":
         return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}

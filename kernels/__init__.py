@@ -1,7 +1,7 @@
 """Triton kernels of RaBitQ decode, each beside its plain-torch reference in sglang_rabitq.reference.
 
 Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
-``prepare_query`` (rotate + INT4 + bit-planes, and the lazy encode of keys that left the window) ->
+``prepare_query`` (rotate + INT4 + nibble table, and the lazy encode of keys that left the window) ->
 ``score_chunks`` (estimate once, fp16 logits to the workspace, chunk max + histogram) ->
 ``top_p_threshold`` (per query head) [-> ``cap_union`` with ``--rabitq-max-budget``] -> ``sparse_attention`` (select, compact, exact attention, split
 over chunks) -> ``merge_partials``. ``encode_slots_all_layers`` writes the codes of a forward batch's

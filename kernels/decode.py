@@ -12,6 +12,7 @@ import torch
 import triton
 
 from sglang_rabitq.kernels.encode import encode_slots
+from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import cap_union, top_p_threshold
@@ -100,7 +101,9 @@ class DecodeWorkspace:
         f32 = dict(dtype=torch.float32, device=device)
         self.plan = DecodePlan(max_bs, capacity, device)
         self.qscal = torch.empty(max_bs, num_q_heads, 3, **f32)
-        self.qbits = torch.empty(max_bs, num_q_heads, 4, head_dim // 32, dtype=torch.int32, device=device)
+        # zeros: the bytes of no query head (groups not a multiple of 4) are never written
+        group = num_q_heads // num_kv_heads
+        self.qtable = torch.zeros(max_bs, num_kv_heads, head_dim // 4, 16, table_words(group), dtype=torch.int32, device=device)
         self.logits = torch.empty(capacity * num_q_heads, dtype=LOGIT_STORAGE_DTYPE, device=device)
         self.index = torch.empty(capacity * num_kv_heads, dtype=INDEX_DTYPE, device=device)
         self.thr = torch.empty(max_bs, num_q_heads, **f32)
@@ -148,7 +151,7 @@ def rabitq_decode_layer(
     bsz, hq, _ = q.shape
     nc = ws.num_chunks(bsz)
     plan = ws.plan.rows[:bsz]
-    qscal, qbits, thr = ws.qscal[:bsz], ws.qbits[:bsz], ws.thr[:bsz]
+    qscal, qtable, thr = ws.qscal[:bsz], ws.qtable[:bsz], ws.thr[:bsz]
     center = ws.zero_center if center is None else center
     if dense:
         if pending is not None:
@@ -156,9 +159,9 @@ def rabitq_decode_layer(
     else:
         score_scale = sm_scale * score_temperature
         prior = ws.prior[:bsz] if top_p_scope == "context" else None
-        prepare_query(q, rot, qscal, qbits, ws.seed, rounding, prior_lse=prior, k_buf=k_buf, req_to_token=req_to_token,
+        prepare_query(q, rot, qscal, qtable, ws.seed, rounding, prior_lse=prior, k_buf=k_buf, req_to_token=req_to_token,
                       plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor)
-        score_chunks(qbits, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
+        score_chunks(qtable, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      score_scale, k_buf.shape[1], nc)
         capped = max_budget < 1.0
         head_max = ws.head_max[:bsz] if capped else None

@@ -1,8 +1,11 @@
 """The binary x INT4 estimate of a block of tokens (reference: ``estimate_int`` times the softmax
 scale), computed once per decode step by the score pass.
 
-``<b, q_u> = sum_j 2^j popcount(b AND plane_j(q_u))`` on the packed words: no bit is unpacked, and
-the integer part is exact, so any two kernels computing it agree to the bit.
+``<b, q_u>`` comes from the query's nibble table (``query_nibble_table``): each 4-bit nibble of a
+code indexes a 16-entry table that holds, in one byte per query head of the group, the sum of
+``q_u`` over the nibble's set bits. One L1-resident load per nibble serves every head at once,
+where bit-planes cost 4 AND + 4 popcount (a quarter-rate instruction) per 32 dims and head. The
+sum is exact integer arithmetic, so any two kernels computing it agree to the bit.
 """
 
 import os
@@ -28,29 +31,61 @@ def popcount(x, HW: tl.constexpr):
 
 
 @triton.jit
+def _add_nibble_sums(lo, hi, cw, table, w, half):
+    """Add the table entries of 4 nibbles of the code words ``cw`` (bits ``16 half`` to ``16 half +
+    15`` of word ``w``) to the 16-bit lanes ``lo`` (heads 0, 2, ..) and ``hi`` (heads 1, 3, ..).
+    Four entries of at most 60 per byte fit a byte; then the bytes widen."""
+    acc = tl.zeros_like(lo)
+    for k in tl.static_range(4):
+        # unsigned: the index needs no sign extension to address
+        nib = (cw.to(tl.uint32, bitcast=True) >> (16 * half + 4 * k)) & 15
+        acc += tl.load(table + ((w * 8 + half * 4 + k) * 16 + nib))
+    if acc.dtype == tl.int64:
+        even_bytes = tl.full((), 0x00FF00FF00FF00FF, tl.int64)
+    else:
+        even_bytes = tl.full((), 0x00FF00FF, tl.int32)
+    return lo + (acc & even_bytes), hi + ((acc >> 8) & even_bytes)
+
+
+@triton.jit
 def block_logits(
     codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-    qbits_ptr, qrows, gmask, a, b, c,
-    GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
+    table, offs_g, a, b, c,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
 ):
     """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``:
     ``g * (a <b, q_u> + b popcount(b) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``.
 
-    ``qrows [GP]``: rows of the query planes ``[rows, 4, D // 32]``. Invalid tokens get -inf.
+    ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
+    int64 (up to 4 or 8 heads: one load per nibble). ``offs_g = arange(GP)``. Invalid tokens get -inf.
     """
     WORDS: tl.constexpr = D // 32
     code = codes_ptr + slots * stride_cn + hkv * stride_ch
-    b_dot_q = tl.zeros((GP, BLOCK_N), tl.int32)
     ones = tl.zeros((BLOCK_N,), tl.int32)
+    lo = tl.zeros((BLOCK_N,), table.dtype.element_ty)
+    hi = tl.zeros((BLOCK_N,), table.dtype.element_ty)
     for w in tl.static_range(WORDS):
-        cw = tl.load(code + w, mask=valid, other=0)
+        cw = tl.load(code + w, mask=valid, other=0)  # an invalid token's nibbles are 0: entry 0 is 0
         ones += popcount(cw, HW)
-        for j in tl.static_range(4):
-            plane = tl.load(qbits_ptr + (qrows * 4 + j) * WORDS + w, mask=gmask, other=0)
-            b_dot_q += popcount(cw[None, :] & plane[:, None], HW) << j
+        for half in tl.static_range(2):
+            lo, hi = _add_nibble_sums(lo, hi, cw, table, w, half)
+    # head g: lane g // 2 (16 bits each) of lo (g even) or hi (g odd)
+    src = tl.where((offs_g % 2 == 0)[:, None], lo[None, :], hi[None, :])
+    b_dot_q = ((src >> (16 * (offs_g // 2)).to(src.dtype)[:, None]) & 0xFFFF).to(tl.int32)
     g = tl.load(factor_ptr + slots * stride_fn + hkv, mask=valid, other=0.0)
     ip = a[:, None] * b_dot_q.to(tl.float32) + (b[:, None] * ones.to(tl.float32)[None, :] + c[:, None])
     return tl.where(valid[None, :], g[None, :] * ip, float("-inf"))
+
+
+@triton.jit
+def table_entries(table_ptr, b, hkv, HKV, D: tl.constexpr, WPE: tl.constexpr):
+    """The start of request ``b``'s kv-head ``hkv`` entries in a ``query_nibble_table`` (int32
+    words), as a pointer to whole entries: int32 for groups of up to 4 heads, int64 up to 8."""
+    base = (b * HKV + hkv).to(tl.int64) * (D // 4 * 16)
+    if WPE == 2:
+        return table_ptr.to(tl.pointer_type(tl.int64)) + base
+    else:
+        return table_ptr + base
 
 
 @triton.jit
@@ -88,3 +123,8 @@ def logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS: tl.constexpr):
 def group_pad(group: int) -> int:
     """Rows the kernels give a kv-head's query heads (a power of two)."""
     return triton.next_power_of_2(group)
+
+
+def table_words(group: int) -> int:
+    """int32 words per ``query_nibble_table`` entry: one byte per query head of the group."""
+    return (group + 3) // 4

@@ -1,5 +1,6 @@
 """Fused query rotation + INT4 quantization per (request, query head) (reference: ``quantize_query``
-and ``query_planes``): the estimate kernels read the 4 bit-planes of the INT4 query.
+and ``query_nibble_table``): the score kernel reads the INT4 query as a nibble table, each program
+writing its head's byte of every entry.
 
 Two more jobs ride on the same programs, each a few hundred keys per request that would otherwise
 cost a launch of their own in every sparse layer:
@@ -17,16 +18,17 @@ import triton
 import triton.language as tl
 
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block
+from sglang_rabitq.kernels.estimate import table_words
 
 PRIOR_BLOCK = 64  # keys per block of the sink/window mass
 
 
 @triton.jit
 def _prepare_query_kernel(
-    q_ptr, rot_ptr, qscal_ptr, qbits_ptr, seed_ptr, stride_qb, stride_qh,
+    q_ptr, rot_ptr, qscal_ptr, table_ptr, seed_ptr, stride_qb, stride_qh,
     k_ptr, r2t_ptr, plan_ptr, center_ptr, prior_ptr, prior_scale, stride_kn, stride_kh, stride_r2t,
     pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, RANDOM: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WPE: tl.constexpr, RANDOM: tl.constexpr,
     PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr,
 ):
@@ -50,13 +52,13 @@ def _prepare_query_kernel(
     tl.store(qscal_ptr + row * 3 + 0, delta)
     tl.store(qscal_ptr + row * 3 + 1, qmin)
     tl.store(qscal_ptr + row * 3 + 2, tl.sum(qu, axis=0))
-    # bit-planes, packed like the codes (bit d -> word d // 32, position d % 32; the sum is an OR)
-    WORDS: tl.constexpr = D // 32
-    qi = tl.reshape(qu.to(tl.int32), (WORDS, 32))
-    offs_w = tl.arange(0, WORDS)
-    for j in tl.static_range(4):
-        words = tl.sum(((qi >> j) & 1) << tl.arange(0, 32)[None, :], axis=1)
-        tl.store(qbits_ptr + (row * 4 + j) * WORDS + offs_w, words)
+    # this head's byte of every nibble-table entry [p, n]: sum of q_u[4p + i] over the set bits i of n
+    qi = tl.reshape(qu.to(tl.int32), (D // 4, 4))
+    offs_n = tl.arange(0, 16)
+    nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
+    entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
+    offs_e = (b * (HQ // GROUP) + hq // GROUP) * (D // 4 * 16) + tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
+    tl.store(table_ptr + offs_e * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
     if PRIOR:
         # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
         # nothing to weigh against when the scored region is empty (then the request attends densely)
@@ -90,14 +92,15 @@ def _prepare_query_kernel(
 
 
 def prepare_query(
-    q: torch.Tensor, rot: torch.Tensor, qscal: torch.Tensor, qbits: torch.Tensor,
+    q: torch.Tensor, rot: torch.Tensor, qscal: torch.Tensor, qtable: torch.Tensor,
     seed: torch.Tensor | None = None, rounding: str = "nearest", *,
     prior_lse: torch.Tensor | None = None, k_buf: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
     plan: torch.Tensor | None = None, center: torch.Tensor | None = None, prior_scale: float = 1.0,
     pending: torch.Tensor | None = None, codes: torch.Tensor | None = None, factor: torch.Tensor | None = None,
 ) -> None:
     """``q [B, Hq, D]`` -> ``qscal [B, Hq, 3]`` = (delta, min, sum(q_u)) and the INT4 query ``q_u`` as
-    its bit-planes ``qbits [B, Hq, 4, D // 32] int32`` (``query_planes``).
+    its nibble table ``qtable [B, Hkv, D // 4, 16, table_words(group)] int32`` (``query_nibble_table``;
+    the bytes of no head, where the group is not a multiple of 4, are left as they are: zero them once).
 
     ``prior_lse [B, Hq]`` (optional, with ``k_buf``, ``req_to_token``, the decode ``plan`` rows and
     the keys' ``center [Hkv, D]``): per query head, ``dense_region_lse`` of the request's sink and
@@ -117,16 +120,19 @@ def prepare_query(
     if encoding and (any(t is None for t in (k_buf, center, codes, factor)) or pending.numel() % max(b, 1)):
         raise ValueError("the lazy encode needs k_buf, center, codes, factor and a chunk of slots per request")
     chunk = pending.numel() // b if encoding and b else 0
+    group = hq // hkv
+    if not qtable.is_contiguous() or tuple(qtable.shape) != (b, hkv, d // 4, 16, table_words(group)):
+        raise ValueError(f"qtable must be a contiguous [{b}, {hkv}, {d // 4}, 16, {table_words(group)}] table")
     k_buf = k_buf if (with_prior or encoding) else q  # placeholders: never read
-    codes, factor = (codes, factor) if encoding else (qbits, qscal)
+    codes, factor = (codes, factor) if encoding else (qtable, qscal)
     _prepare_query_kernel[(b, hq)](
-        q, rot, qscal, qbits, seed if random else qscal, q.stride(0), q.stride(1),
-        k_buf, req_to_token if with_prior else qbits, plan if with_prior else qbits,
+        q, rot, qscal, qtable.view(torch.uint8), seed if random else qscal, q.stride(0), q.stride(1),
+        k_buf, req_to_token if with_prior else qtable, plan if with_prior else qtable,
         center if center is not None else qscal, prior_lse if with_prior else qscal, float(prior_scale),
         k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0) if with_prior else 0,
-        pending if encoding else qbits, codes, factor,
+        pending if encoding else qtable, codes, factor,
         codes.stride(0) if encoding else 0, codes.stride(1) if encoding else 0, factor.stride(0) if encoding else 0,
-        HQ=hq, GROUP=hq // hkv, D=d, RANDOM=random,
+        HQ=hq, GROUP=group, D=d, WPE=table_words(group), RANDOM=random,
         PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
         CHUNK=chunk, ENC_N=min(ENCODE_BLOCK_N, triton.next_power_of_2(max(chunk, 1))), ENC_D=ENCODE_BLOCK_D,
     )

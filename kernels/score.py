@@ -22,6 +22,8 @@ from sglang_rabitq.kernels.estimate import (
     group_pad,
     logit_constants,
     logit_rows,
+    table_entries,
+    table_words,
 )
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
@@ -54,11 +56,11 @@ def score_num_warps(group: int, head_dim: int) -> int:
 
 @triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _score_kernel(
-    qbits_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
+    table_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
     cmax_ptr, ctop_ptr, ccount_ptr,
     sm_scale, stride_cn, stride_ch, stride_fn, stride_r2t, HQ, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
-    NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, HW: tl.constexpr,
+    NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -71,6 +73,7 @@ def _score_kernel(
     rpi = tl.load(plan_ptr + b * PLAN_FIELDS + 0).to(tl.int64)
     rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
     k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
+    table = table_entries(table_ptr, b, hkv, HQ // GROUP, D, WPE)
     # running max per (head, column), reduced across columns once after the loop
     m = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
     for n0 in range(start, end, BLOCK_N):
@@ -78,7 +81,7 @@ def _score_kernel(
         valid = pos < end
         slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
         lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
-                          qbits_ptr, qrows, gmask, k_dot, k_ones, k_0, GP, D, BLOCK_N, HW)
+                          table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW)
         lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
         tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
         m = tl.maximum(m, lg.to(tl.float32))
@@ -120,26 +123,28 @@ def _score_kernel(
 
 
 def score_chunks(
-    qbits: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
+    qtable: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
     sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int | None = None,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``."""
-    bsz, hq = qbits.shape[:2]
-    d = qbits.shape[-1] * 32
+    bsz, hq = qscal.shape[:2]
+    d = qtable.shape[2] * 4
     group = hq // num_kv_heads
     nc = num_chunks
-    if not (qbits.is_contiguous() and qscal.is_contiguous()):
-        raise ValueError("qbits and qscal must be contiguous")
+    if not (qtable.is_contiguous() and qscal.is_contiguous()):
+        raise ValueError("qtable and qscal must be contiguous")
+    if tuple(qtable.shape[1:]) != (num_kv_heads, d // 4, 16, table_words(group)):
+        raise ValueError(f"qtable {tuple(qtable.shape)} is not a query_nibble_table of {hq}/{num_kv_heads} heads")
     if bsz * hq * nc > stats.capacity:
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
     _score_kernel[(bsz, num_kv_heads, nc)](
-        qbits, qscal, codes, factor, req_to_token, plan, logits,
+        qtable, qscal, codes, factor, req_to_token, plan, logits,
         stats.max, stats.top, stats.count,
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
-        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], HW=HW_POPCOUNT,
+        NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
         num_warps=num_warps or score_num_warps(group, d), maxnreg=score_max_registers(group),
     )
 

@@ -57,7 +57,8 @@ def _tp_rank_and_size(model_runner) -> tuple[int, int]:
 class RaBitQAttnBackend(AttentionBackend):
     def __init__(self, model_runner, config: RaBitQConfig, dense_backend: AttentionBackend):
         super().__init__()
-        check_runner(model_runner)
+        tp_rank, tp_size = _tp_rank_and_size(model_runner)
+        check_runner(model_runner, tp_size)
         self.config = config
         self.dense = dense_backend
         # the dense backend decodes the dense layers (torch_native cannot run in CUDA graphs: ours do)
@@ -66,7 +67,6 @@ class RaBitQAttnBackend(AttentionBackend):
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.kv_pool = model_runner.token_to_kv_pool
         cfg = model_runner.model_config
-        tp_rank, tp_size = _tp_rank_and_size(model_runner)
         self.num_kv_heads = cfg.get_num_kv_heads(tp_size)
         self.num_q_heads = cfg.get_num_attention_heads(tp_size)
         self.head_dim = cfg.head_dim

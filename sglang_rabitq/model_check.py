@@ -11,8 +11,12 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def check_runner(model_runner) -> None:
-    """Raise ``UnsupportedModelError`` naming the first unsupported feature of this deployment."""
+MAX_GROUP = 8  # query heads per kv-head: the score kernel reads one byte per head of an int64 entry
+
+
+def check_runner(model_runner, tp_size: int = 1) -> None:
+    """Raise ``UnsupportedModelError`` naming every unsupported feature of this deployment
+    (``tp_size``: the attention tensor-parallel degree, which sets the heads per GPU)."""
     cfg = model_runner.model_config
     problems = []
     if getattr(model_runner, "use_mla_backend", False) or str(getattr(cfg, "attention_arch", "")).endswith("MLA"):
@@ -30,6 +34,9 @@ def check_runner(model_runner) -> None:
         check_head_dim(int(cfg.head_dim))
     except ValueError as e:
         problems.append(str(e))
+    group = cfg.get_num_attention_heads(tp_size) // max(cfg.get_num_kv_heads(tp_size), 1)
+    if group > MAX_GROUP:
+        problems.append(f"{group} query heads per kv-head are not supported (at most {MAX_GROUP})")
     spec = getattr(model_runner.server_args, "speculative_algorithm", None)
     if spec:
         problems.append(f"speculative decoding ({spec}) is not supported: drop --speculative-algorithm")

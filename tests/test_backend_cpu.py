@@ -339,6 +339,13 @@ def test_each_tensor_parallel_rank_draws_the_rotations_one_gpu_draws_for_its_kv_
             assert torch.equal(b.pool.rot[lid][0], one.pool.rot[lid][rank])
 
 
+def test_groups_of_more_than_8_query_heads_fail_at_startup():
+    h = Harness(kv_heads=1, q_heads=16)
+    with pytest.raises(UnsupportedModelError, match="16 query heads per kv-head"):
+        make(h)
+    assert make(Harness(kv_heads=1, q_heads=8)).num_q_heads == 8
+
+
 def test_head_dim_must_be_multiple_of_32():
     h = Harness()
     h.shape.head_dim = 80

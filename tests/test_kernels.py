@@ -28,7 +28,7 @@ from sglang_rabitq.reference import (
     hist_threshold,
     quantize_query,
     union_cap_thresholds,
-    query_planes,
+    query_nibble_table,
     rabitq_decode,
     random_rotation,
     rotate,
@@ -118,9 +118,17 @@ def test_key_pointers_refuse_buffers_the_one_launch_cannot_address():
         key_pointers([k.to(torch.int8)])
 
 
-def _int4_from_planes(qbits: torch.Tensor) -> torch.Tensor:
-    """The INT4 query ``[..., D]`` whose bit-planes ``qbits [..., 4, D // 32]`` hold."""
-    return sum(unpack_bits(qbits[..., j, :]) << j for j in range(4))
+def _int4_from_table(qtable: torch.Tensor, group: int) -> torch.Tensor:
+    """The INT4 query ``[B, Hq, D]`` whose nibble table ``qtable [B, Hkv, D // 4, 16, words]`` holds:
+    the entries of one set bit are the levels themselves."""
+    bsz, hkv, pos = qtable.shape[:3]
+    one_bit = qtable[:, :, :, [1, 2, 4, 8]].contiguous().view(torch.uint8)[..., :group]  # [B, Hkv, D/4, 4, group]
+    return one_bit.permute(0, 1, 4, 2, 3).reshape(bsz, hkv * group, pos * 4).to(torch.int64)
+
+
+def _table(b: int, hq: int, hkv: int, d: int) -> torch.Tensor:
+    """A nibble table for the kernels to fill, every byte poisoned."""
+    return torch.full((b, hkv, d // 4, 16, (hq // hkv + 3) // 4), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -130,9 +138,15 @@ def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
     q = torch.randn(b, hq, d).to(torch.bfloat16)
     rot = random_rotation(d, seed=fresh_seed, num_heads=hkv)
     qscal = torch.full((b, hq, 3), float("nan"), device=DEVICE)
-    qbits = torch.full((b, hq, 4, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)  # poisoned
-    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qbits)
-    qu = _int4_from_planes(qbits.cpu())
+    qtable = _table(b, hq, hkv, d)
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qtable)
+    qu = _int4_from_table(qtable.cpu(), hq // hkv)
+    # every entry holds the sums of its nibble's levels; the bytes of no head are left as they were
+    words = qtable.shape[-1]
+    ref_table = query_nibble_table(qu, hq // hkv).view(torch.uint8).view(b, hkv, d // 4, 16, 4 * words)
+    got_table = qtable.cpu().view(torch.uint8).view(b, hkv, d // 4, 16, 4 * words)
+    assert torch.equal(got_table[..., : hq // hkv], ref_table[..., : hq // hkv])
+    assert (got_table[..., hq // hkv :] == 0x5A).all()
     ref_qu, delta, qmin = quantize_query(q.float(), rot)
     assert torch.allclose(qscal[..., 0].cpu(), delta, rtol=1e-5) and torch.allclose(qscal[..., 1].cpu(), qmin, rtol=1e-5, atol=1e-6)
     # rounding may differ only where (q' - min) / delta sits on a .5 boundary
@@ -161,8 +175,7 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
     want = {k: v.clone() for k, v in poison.items()}
     q = torch.randn(b, hq, d).to(torch.bfloat16).to(DEVICE)
     qscal = torch.empty(b, hq, 3, device=DEVICE)
-    qbits = torch.empty(b, hq, 4, d // 32, dtype=torch.int32, device=DEVICE)
-    prepare_query(q, rot, qscal, qbits, k_buf=keys, center=center, pending=pending, **got)
+    prepare_query(q, rot, qscal, _table(b, hq, hkv, d), k_buf=keys, center=center, pending=pending, **got)
     encode_slots(keys, pending, rot, center, want["codes"], want["factor"])
     assert torch.equal(got["codes"], want["codes"])
     assert torch.equal(got["factor"].isnan(), want["factor"].isnan())
@@ -178,9 +191,9 @@ def test_prepare_query_random_rounding_is_unbiased():
     q = torch.randn(1, 1, d).expand(n, 1, d).contiguous()
     rot = torch.eye(d).view(1, d, d)
     qscal = torch.empty(n, 1, 3, device=DEVICE)
-    qbits = torch.empty(n, 1, 4, d // 32, dtype=torch.int32, device=DEVICE)
-    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qbits, torch.tensor([1234], device=DEVICE), "random")
-    qu = _int4_from_planes(qbits.cpu())
+    qtable = _table(n, 1, 1, d)
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qtable, torch.tensor([1234], device=DEVICE), "random")
+    qu = _int4_from_table(qtable.cpu(), 1)
     deq = qscal[:, 0, 0:1].cpu() * qu[:, 0].float() + qscal[:, 0, 1:2].cpu()
     assert (qu != qu[0]).any()  # draws differ across rows
     step = float(qscal[0, 0, 0])
@@ -215,12 +228,12 @@ def test_score_threshold_and_cap_match_reference(hq, hkv, d, top_p, max_budget, 
     sink, window, sm = 16, 16, d**-0.5
     plan = _plan(batch, nc, sink, window)
     q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
-    qbits = query_planes(q_u).contiguous().to(DEVICE)
+    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
     qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
     stats = ChunkStats(len(lens) * hq * nc, DEVICE)
     stored = torch.full(((sum(lens) + len(lens) * nc * CHUNK_ALIGN) * hq,),
                         float("nan"), dtype=torch.float16, device=DEVICE)  # poisoned
-    score_chunks(qbits, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, sm, hkv, nc)
+    score_chunks(qtable, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, sm, hkv, nc)
     thr = torch.full((len(lens), hq), float("nan"), device=DEVICE)
     head_max = torch.full((len(lens), hq), float("nan"), device=DEVICE)
     top_p_threshold(stats, thr, top_p, nc, head_max=head_max)
@@ -367,7 +380,7 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, max_budg
     # the reference selects from the kernel's INT4 query (test_prepare_query_matches_reference checks
     # it): a level that rounds the other way on a .5 edge shifts every estimate and can move a bin
     n = len(lens)
-    query = (_int4_from_planes(ws.qbits[:n].cpu()).int(), ws.qscal[:n, :, 0].cpu(), ws.qscal[:n, :, 1].cpu())
+    query = (_int4_from_table(ws.qtable[:n].cpu(), hq // hkv).int(), ws.qscal[:n, :, 0].cpu(), ws.qscal[:n, :, 1].cpu())
     ref, attended = rabitq_decode(cpu["q"].float(), cpu["k_buf"], cpu["v_buf"], cpu["codes"], cpu["factor"], cpu["rot"],
                                   cpu["req_to_token"], cpu["req_pool_indices"], cpu["seq_lens"], cpu["encoded_lens"],
                                   top_p=top_p, sink=sink, window=window, sm_scale=sm, score_temperature=temperature,

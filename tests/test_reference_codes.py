@@ -8,6 +8,7 @@ from sglang_rabitq.reference import (
     estimate_float,
     estimate_int,
     pack_bits,
+    query_nibble_table,
     quantize_query,
     random_rotation,
     rotate,
@@ -78,6 +79,28 @@ def test_integer_form_equals_float_form(dim, fresh_seed):
             f = estimate_float(codes[:, h], factor[:, h], q_bar)
             i = estimate_int(codes[:, h], factor[:, h], q_u[b, qh], delta[b, qh], qmin[b, qh])
             assert torch.allclose(f, i, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 1), (8, 1), (12, 2)])  # 1-2 words an entry, unused bytes
+def test_nibble_table_sums_give_the_inner_product(hq, hkv, fresh_seed):
+    gen = torch.Generator().manual_seed(fresh_seed)
+    d, n, group = 64, 40, hq // hkv
+    q_u = torch.randint(0, 16, (2, hq, d), generator=gen)
+    q_u[0, 0] = 15  # the largest entries: 4 x 15 in every byte
+    codes = torch.randint(-(2**31), 2**31, (n, d // 32), generator=gen, dtype=torch.int64).to(torch.int32)
+    table = query_nibble_table(q_u, group)
+    words = (group + 3) // 4
+    assert table.shape == (2, hkv, d // 4, 16, words) and table.dtype == torch.int32
+    lanes = table.view(torch.uint8).view(2, hkv, d // 4, 16, 4 * words).long()
+    assert (lanes[..., group:] == 0).all() and lanes.max() <= 60
+    nibbles = (unpack_bits(codes).view(n, d // 4, 4) * torch.tensor([1, 2, 4, 8])).sum(-1)  # [N, D/4]
+    for b in range(2):
+        for qh in range(hq):
+            entries = lanes[b, qh // group, torch.arange(d // 4), nibbles, qh % group]  # [N, D/4]
+            want = (unpack_bits(codes).long() * q_u[b, qh]).sum(-1)
+            assert torch.equal(entries.sum(-1), want)
+    with pytest.raises(ValueError, match="groups of 1-8"):
+        query_nibble_table(torch.zeros(1, 9, d, dtype=torch.long), 9)
 
 
 def test_query_quantization_range_and_degenerate():

@@ -112,11 +112,23 @@ def quantize_query(
     return q_u, delta, qmin
 
 
-def query_planes(q_u: torch.Tensor) -> torch.Tensor:
-    """The 4 bit-planes of INT4 queries ``q_u [..., D]`` packed like codes: ``[..., 4, D // 32]`` int32
-    (plane j holds bit j of every ``q_u[d]``), so ``<b, q_u> = sum_j 2^j popcount(b AND plane_j)``."""
-    qi = q_u.to(torch.int64)
-    return torch.stack([pack_bits(((qi >> j) & 1).bool()) for j in range(4)], dim=-2)
+def query_nibble_table(q_u: torch.Tensor, group: int) -> torch.Tensor:
+    """INT4 queries ``q_u [B, Hq, D]`` as the lookup table the score kernel reads:
+    ``[B, Hq // group, D // 4, 16, ceil(group / 4)]`` int32. Entry ``[b, h, p, n]`` holds, for each
+    query head ``g`` of kv-head ``h``'s group, ``sum_i bit_i(n) q_u[4p + i]`` (at most 60) in byte
+    ``g % 4`` of word ``g // 4`` (unused bytes 0). So ``<b, q_u>`` is the sum over a code's ``D / 4``
+    nibbles ``n_p`` of entry ``[p, n_p]``: one load per nibble for every head of the group at once,
+    where bit-planes cost 4 AND + 4 popcount per 32 dims and head."""
+    bsz, hq, d = q_u.shape
+    if hq % group or not 1 <= group <= 8:
+        raise ValueError(f"{hq} query heads do not split into groups of 1-8 heads of {group}")
+    qi = q_u.to(torch.int64).view(bsz, hq // group, group, d // 4, 4)
+    nbits = (torch.arange(16)[:, None] >> torch.arange(4)[None, :]) & 1  # [16, 4]
+    sums = torch.einsum("bhgpi,ni->bhpng", qi, nbits.to(qi.device))  # [B, Hkv, D/4, 16, group]
+    lanes = torch.zeros(*sums.shape[:-1], 4 * ((group + 3) // 4), dtype=torch.int64, device=q_u.device)
+    lanes[..., :group] = sums
+    lanes = lanes.view(*sums.shape[:-1], -1, 4) << (8 * torch.arange(4, device=q_u.device))
+    return lanes.sum(-1).to(torch.int32)  # < 2^31: the top byte is at most 60
 
 
 def estimate_int(
@@ -125,16 +137,13 @@ def estimate_int(
     """Integer-form estimate of ``<q, k_c>`` for codes ``[N, D/32]`` and one query head.
 
     ``<2b-1, q_bar> = 2 delta <b, q_u> + 2 min popcount(b) - delta sum(q_u) - D min``, where
-    ``<b, q_u> = sum_j 2^j popcount(b AND plane_j(q_u))`` over the 4 bit-planes of ``q_u``.
+    ``<b, q_u>`` is the sum of ``q_u`` over the set bits of ``b``.
     ``q_u [D]`` int, ``delta``/``qmin`` scalars. Returns ``[N]`` float64.
     """
     d = q_u.shape[-1]
     bits = unpack_bits(codes)  # [N, D] in {0, 1}
     qi = q_u.to(torch.int64)
-    b_dot_q = torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
-    for j in range(4):
-        plane = (qi >> j) & 1
-        b_dot_q += (bits & plane).sum(-1) << j
+    b_dot_q = (bits.to(torch.int64) * qi).sum(-1)
     popcount = bits.sum(-1)
     delta = delta.to(torch.float64)
     qmin = qmin.to(torch.float64)
