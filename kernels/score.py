@@ -42,7 +42,8 @@ def score_max_registers(group: int) -> int:
     registers, 12 resident warps per SM, while the estimate loop stalls on L1 (Nsight Compute on an
     H200: 0.7 eligible warps per scheduler, issue slots 44 % busy). At 128 nothing spills up to 7
     heads a group; 8 heads spill at 128 (36-108 B) and not at 160. Decode step 1.00-1.20x on the four
-    shapes measured, none slower (ab_step-score-maxnreg.md, H100); a cap of 96 was mixed."""
+    shapes measured, none slower (ab_step-score-maxnreg.md, H100); a cap of 96 was mixed. (Measured with
+    the bit-plane estimate; the nibble-table estimate compiles to 143 registers uncapped at 4 x 128.)"""
     return 128 if group <= 7 else 160
 
 
@@ -50,7 +51,8 @@ def score_num_warps(group: int, head_dim: int) -> int:
     """Warps per score program. A [group_pad, 128] tile of D-bit estimates on 2 warps needs ~254
     registers per thread at 8 x 128 (Qwen2.5-1.5B: 12/2 heads, D 128), 4 programs per SM; on 4 warps
     128, twice the warps per SM: 116 vs 133 us at 32K, batch 32 on an H200 (kernels_breakdown-qwen15.md).
-    At 4 x 128 (Llama-3.1-8B) and 8 x 64 (Qwen2.5-0.5B) the two are within 2 %, 2 warps ahead."""
+    At 4 x 128 (Llama-3.1-8B) and 8 x 64 (Qwen2.5-0.5B) the two are within 2 %, 2 warps ahead.
+    (Measured with the bit-plane estimate, not re-tuned for the nibble table.)"""
     return 4 if group_pad(group) * head_dim >= 1024 else 2
 
 
