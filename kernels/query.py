@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block
-from sglang_rabitq.kernels.estimate import table_words
+from sglang_rabitq.kernels.estimate import table_entries, table_words
 
 PRIOR_BLOCK = 64  # keys per block of the sink/window mass
 
@@ -57,8 +57,9 @@ def _prepare_query_kernel(
     offs_n = tl.arange(0, 16)
     nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
     entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
-    offs_e = (b * (HQ // GROUP) + hq // GROUP) * (D // 4 * 16) + tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
-    tl.store(table_ptr + offs_e * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
+    entries = table_entries(table_ptr, b, hq // GROUP, HQ // GROUP, D, WPE)
+    entries += tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
+    tl.store(entries.to(tl.pointer_type(tl.uint8)) + hq % GROUP, entry.to(tl.uint8))  # byte g: head g of the group
     if PRIOR:
         # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
         # nothing to weigh against when the scored region is empty (then the request attends densely)
@@ -126,7 +127,7 @@ def prepare_query(
     k_buf = k_buf if (with_prior or encoding) else q  # placeholders: never read
     codes, factor = (codes, factor) if encoding else (qtable, qscal)
     _prepare_query_kernel[(b, hq)](
-        q, rot, qscal, qtable.view(torch.uint8), seed if random else qscal, q.stride(0), q.stride(1),
+        q, rot, qscal, qtable, seed if random else qscal, q.stride(0), q.stride(1),
         k_buf, req_to_token if with_prior else qtable, plan if with_prior else qtable,
         center if center is not None else qscal, prior_lse if with_prior else qscal, float(prior_scale),
         k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0) if with_prior else 0,

@@ -16,6 +16,7 @@ from sglang_rabitq.kernels import (
     prepare_query,
     rabitq_decode_layer,
 )
+from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.score import ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
@@ -128,7 +129,7 @@ def _int4_from_table(qtable: torch.Tensor, group: int) -> torch.Tensor:
 
 def _table(b: int, hq: int, hkv: int, d: int) -> torch.Tensor:
     """A nibble table for the kernels to fill, every byte poisoned."""
-    return torch.full((b, hkv, d // 4, 16, (hq // hkv + 3) // 4), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
+    return torch.full((b, hkv, d // 4, 16, table_words(hq // hkv)), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("d", [64, 128])
