@@ -117,12 +117,11 @@ def _union_hist_kernel(
         valid = pos < end
         lg = tl.load(logit_ptr + rows[:, None] + pos[None, :], mask=gmask[:, None] & valid[None, :],
                      other=float("-inf")).to(tl.float32)
-        # a token's rank: its best logit below the max of a head that keeps it (differences of fp16
-        # values are exact in fp32, so the bins are the reference's)
-        r = tl.max(tl.where((lg >= thr[:, None]) & (lg > float("-inf")), lg - m[:, None], float("-inf")), axis=0)
-        live = valid & (r > float("-inf"))
-        k = tl.floor(-tl.where(live, r, 0.0) / BIN_W).to(tl.int32)
-        count += tl.histogram(k, NB, mask=live & (k < NB))
+        # a token's rank bin: floor(-r / BIN_W) of its best logit below the max of a head that keeps
+        # it, r = max(lg - m), i.e. the least bins_between(m, lg) over those heads
+        kept = (lg >= thr[:, None]) & (lg > float("-inf"))
+        k = tl.min(tl.where(kept, bins_between(m[:, None], lg, BIN_W), NB), axis=0)
+        count += tl.histogram(k, NB, mask=valid & (k < NB))
     tl.store(ucount_ptr + ((b * HKV + hkv) * NC + c) * NB + tl.arange(0, NB), count)
 
 
@@ -161,6 +160,19 @@ def _union_cap_kernel(
     thr = tl.load(thr_ptr + rows, mask=gmask, other=0.0)
     m = tl.load(hmax_ptr + rows, mask=gmask, other=0.0)
     tl.store(thr_ptr + rows, tl.where(binding, tl.maximum(thr, m + tau), thr), mask=gmask)
+
+
+@triton.jit
+def bins_between(hi, lo, BIN_W: tl.constexpr):
+    """``floor((hi - lo) / BIN_W)`` exactly, for fp16 values ``hi >= lo`` held in fp32, where
+    ``hi - lo`` itself can round (a tiny ``hi`` against a large ``lo``: 11-bit significands up to 40
+    binades apart) and land on the wrong side of a bin edge: the whole bins of each apart, less
+    one where ``lo``'s remainder in its bin exceeds ``hi``'s (both exact: ``BIN_W`` is a power of two)."""
+    a = hi / BIN_W
+    b = lo / BIN_W
+    fa = tl.floor(a)
+    fb = tl.floor(b)
+    return (fa - fb).to(tl.int32) - ((a - fa) < (b - fb)).to(tl.int32)
 
 
 def cap_union(

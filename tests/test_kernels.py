@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_cases import make_batch
 from conftest import DEVICE
@@ -18,7 +20,7 @@ from sglang_rabitq.kernels import (
 )
 from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.score import ChunkStats, score_chunks
-from sglang_rabitq.kernels.select import cap_union, top_p_threshold
+from sglang_rabitq.kernels.select import bins_between, cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
 from sglang_rabitq.reference.decode import dense_region_lse
@@ -287,6 +289,33 @@ def test_score_threshold_and_cap_match_reference(hq, hkv, d, top_p, max_budget, 
             # ... and the raised thresholds
             ref_cap = union_cap_thresholds(logits, got_thr, max_budget, n=score_end - sink_end)
             _assert_same_thresholds(logits, thr[b, h * group : (h + 1) * group].cpu().double(), [ref_cap], (b, h, "cap"))
+
+
+@triton.jit
+def _bins_between_kernel(hi_ptr, lo_ptr, out_ptr, N: tl.constexpr, BIN_W: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, bins_between(tl.load(hi_ptr + offs), tl.load(lo_ptr + offs), BIN_W))
+
+
+def test_bins_between_is_exact_where_the_fp32_difference_rounds(fresh_seed):
+    """The cap's rank bin of a token, floor((m - lg) / BIN_WIDTH) for fp16 m >= lg, as the float64
+    reference has it. Seen on the GPU (1 run in ~20): a head max of a few fp16 ulps from 0 against a
+    logit on a bin edge, where m - lg in fp32 rounds onto the edge and moved tokens one bin."""
+    gen = torch.Generator().manual_seed(fresh_seed)
+    n = 256
+    lo = (torch.randn(n, generator=gen) * 6).half()
+    hi = (lo.float() + torch.rand(n, generator=gen) * 16).half()
+    # the edge cases: tiny maxima (fp16 subnormals and small normals) against logits on bin edges
+    tiny = torch.tensor([2.0**-24, -(2.0**-24), 3 * 2.0**-24, -(2.0**-16), 2.0**-14, -(2.0**-14)])
+    edges = -BIN_WIDTH * torch.randint(1, 60, (n // 2,), generator=gen).float()
+    hi[: n // 2] = tiny[torch.randint(0, len(tiny), (n // 2,), generator=gen)].half()
+    lo[: n // 2] = torch.minimum(edges, hi[: n // 2].float()).half()
+    exact = torch.floor((hi.double() - lo.double()) / BIN_WIDTH).long()
+    naive = torch.floor((hi.float() - lo.float()) / BIN_WIDTH).long()
+    assert (naive != exact).any()  # the cases bite: an fp32 difference gets some of them wrong
+    out = torch.empty(n, dtype=torch.int32, device=DEVICE)
+    _bins_between_kernel[(1,)](hi.float().to(DEVICE), lo.float().to(DEVICE), out, N=n, BIN_W=BIN_WIDTH)
+    assert torch.equal(out.cpu().long(), exact)
 
 
 # The threshold kernel sums bin masses in fp32: where the cumulative mass meets p's target within fp32
