@@ -53,6 +53,20 @@ def speed_model(result: dict, row: dict) -> str:
     return f"{row['model']} ({', '.join(setting)})" if setting else str(row["model"])
 
 
+def _gpu(result: dict) -> str:
+    return str(result.get("gpu") or "unknown")
+
+
+def speed_key(row: dict) -> tuple:
+    """A summary speed row's identity: the same model, context and batch measured on two GPUs are two rows."""
+    return row["gpu"], row["model"], int(row["context"]), int(row["batch"])
+
+
+def raw_speed_rows(speed: list[dict]) -> dict:
+    """The drivers' speed rows (with their Amdahl limit and encode overhead) by ``speed_key``."""
+    return {(_gpu(d), speed_model(d, r), int(r["context"]), int(r["batch"])): r for d in speed for r in d.get("rows", [])}
+
+
 def accuracy_rows(accuracy: list[dict]) -> list[dict]:
     """The accuracy rows of all files; where two files scored the same (task, context, configuration),
     the one over more samples (on a tie the later file) stands: the drivers' samples are seeded per
@@ -81,7 +95,7 @@ def build_summary(accuracy: list[dict], speed: list[dict], prefix: dict | None) 
     acc = accuracy_rows(accuracy)
     spd = [{"model": speed_model(d, r), "context": int(r["context"]), "batch": int(r["batch"]),
             "dense_tok_s": float(r["dense_tok_s"]), "rabitq_tok_s": float(r["rabitq_tok_s"]),
-            "speedup": float(r["speedup"]), "budget": _f(r.get("budget"))}
+            "speedup": float(r["speedup"]), "budget": _f(r.get("budget")), "gpu": _gpu(d)}
            for d in speed for r in d.get("rows", [])]
     ps = (prefix or {}).get("summary") or {}
     return {
@@ -138,8 +152,8 @@ def speed_table(spd: list[dict], raw: dict) -> list[str]:
     lines = ["| GPU | model | context | batch | dense tok/s | rabitq tok/s | speedup | Amdahl limit | budget | encode ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in spd:
-        x = raw.get((r["model"], r["context"], r["batch"]), {})
-        lines.append(f"| {x.get('gpu', '-')} | {r['model']} | {r['context']} | {r['batch']} | {r['dense_tok_s']:.0f} | "
+        x = raw.get(speed_key(r), {})
+        lines.append(f"| {r['gpu']} | {r['model']} | {r['context']} | {r['batch']} | {r['dense_tok_s']:.0f} | "
                      f"{r['rabitq_tok_s']:.0f} | {r['speedup']:.2f} | {_fmt(x.get('amdahl_limit'))} | "
                      f"{_fmt(r['budget'], '{:.1%}')} | {_fmt(x.get('encode_overhead_ms'), '{:.1f}')} |")
     lines.append("")
@@ -210,11 +224,12 @@ def plot(summary: dict, raw_speed: dict, out_dir: Path) -> list[Path]:
     spd = summary["speed"]
     if spd:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for model, batch in sorted({(r["model"], r["batch"]) for r in spd}):
-            rs = sorted((r for r in spd if (r["model"], r["batch"]) == (model, batch)), key=lambda r: r["context"])
+        for gpu, model, batch in sorted({(r["gpu"], r["model"], r["batch"]) for r in spd}):
+            rs = sorted((r for r in spd if (r["gpu"], r["model"], r["batch"]) == (gpu, model, batch)),
+                        key=lambda r: r["context"])
             line = ax.plot([r["context"] for r in rs], [r["speedup"] for r in rs], marker="o",
-                           label=f"{model} b={batch}")[0]
-            lim = [(r["context"], raw_speed.get((model, r["context"], batch), {}).get("amdahl_limit")) for r in rs]
+                           label=f"{model} b={batch}, {gpu}")[0]
+            lim = [(r["context"], raw_speed.get(speed_key(r), {}).get("amdahl_limit")) for r in rs]
             lim = [(c, v) for c, v in lim if v is not None]
             if lim:
                 ax.plot(*zip(*lim), ls="--", color=line.get_color(), alpha=0.6)
@@ -264,8 +279,7 @@ def main(argv=None):
     speed = [d for d in map(_load, args.speed) if d]
     prefix = _load(args.prefix)
     summary = build_summary(accuracy, speed, prefix)
-    raw_speed = {(speed_model(d, r), r["context"], r["batch"]): {**r, "gpu": d.get("gpu")}
-                 for d in speed for r in d.get("rows", [])}
+    raw_speed = raw_speed_rows(speed)
     out = Path(args.out_dir)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(to_markdown(summary, raw_speed, prefix_rows(prefix), accuracy_model))

@@ -29,7 +29,7 @@ PREFIX = {**META, "summary": {"agreement": 0.8, "codes_reused": 1200.0, "codes_e
 
 SCHEMA_TOP = {"gpu", "sglang", "model", "date", "accuracy", "speed", "prefix_sharing"}
 ACC_KEYS = {"task", "context", "backend", "top_p", "score", "budget", "score_temperature", "n"}  # the issue's + 2
-SPEED_KEYS = {"model", "context", "batch", "dense_tok_s", "rabitq_tok_s", "speedup", "budget"}
+SPEED_KEYS = {"model", "context", "batch", "dense_tok_s", "rabitq_tok_s", "speedup", "budget", "gpu"}  # the issue's + 1
 PREFIX_KEYS = {"agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms"}
 
 
@@ -65,14 +65,16 @@ def test_build_summary_schema():
 
 
 def test_summary_of_several_gpus_names_them_all():
+    # the same model, context and batch on a second GPU: its own row, with its own limit and encode time
     h200 = {**SPEED, "gpu": "NVIDIA H200", "date": "2026-12-01T20:00:00+00:00",
-            "rows": [{**SPEED["rows"][0], "model": "qwen15"}]}
+            "rows": [{**SPEED["rows"][0], "speedup": 1.25, "amdahl_limit": 3.0, "encode_overhead_ms": 7.0}]}
     s = SM.build_summary([ACC], [SPEED, h200], PREFIX)
     check_schema(s)
     assert s["gpu"] == "NVIDIA H100 80GB HBM3, NVIDIA H200" and s["date"] == h200["date"]
-    raw = {(r["model"], r["context"], r["batch"]): {**r, "gpu": d["gpu"]} for d in (SPEED, h200) for r in d["rows"]}
-    table = "\n".join(SM.speed_table(s["speed"], raw))
-    assert "| NVIDIA H200 | qwen15 | 8192 |" in table and "| NVIDIA H100 80GB HBM3 | qwen05 | 8192 |" in table
+    assert [r["gpu"] for r in s["speed"]] == [META["gpu"], META["gpu"], "NVIDIA H200"]
+    table = "\n".join(SM.speed_table(s["speed"], SM.raw_speed_rows([SPEED, h200])))
+    assert "| NVIDIA H100 80GB HBM3 | qwen05 | 8192 | 8 | 1000 | 1500 | 1.50 | 2.00 | 10.0% | 3.0 |" in table
+    assert "| NVIDIA H200 | qwen05 | 8192 | 8 | 1000 | 1500 | 1.25 | 3.00 | 10.0% | 7.0 |" in table
 
 
 def test_accuracy_of_several_runs_keeps_the_larger_sample_and_each_temperature(tmp_path):
