@@ -64,7 +64,7 @@ def speed_key(row: dict) -> tuple:
 
 def raw_speed_rows(speed: list[dict]) -> dict:
     """The drivers' speed rows (with their Amdahl limit and encode overhead) by ``speed_key``."""
-    return {(_gpu(d), speed_model(d, r), int(r["context"]), int(r["batch"])): r for d in speed for r in d.get("rows", [])}
+    return {speed_key({**r, "gpu": _gpu(d), "model": speed_model(d, r)}): r for d in speed for r in d.get("rows", [])}
 
 
 def accuracy_rows(accuracy: list[dict]) -> list[dict]:
