@@ -55,7 +55,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def configs(args) -> list[dict]:
-    return [dict(shape=shape, context=ctx, batch=bs, target_budget=budget)
+    return [dict(shape=shape, context=ctx, batch=bs, target_budget=budget, max_budget=args.max_budget)
             for shape in args.shapes for ctx in args.contexts for bs in args.batches for budget in args.budgets]
 
 
@@ -73,7 +73,7 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path, per_kernel: bo
         hq, hkv, d = parse_shape(cfg["shape"])
         s = Setup(hq, hkv, d, cfg["context"], cfg["batch"], device="cuda" if cuda else "cpu")
         s.plant(cfg["target_budget"])
-        step = s.ours(top_p)
+        step = s.ours(top_p, max_budget=cfg.get("max_budget", 1.0))
         step()
         outputs.append(s.out.float().cpu().clone())
         rows.append(dict(cfg, budget=s.budget(), us=graph_time(step) if cuda else None))
@@ -143,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=S.csv_list(int), default=[1, 4, 16])
     ap.add_argument("--budgets", type=S.csv_list(float), default=[0.3])
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--max-budget", type=float, default=1.0, help="the cap on each kv-head's union (--rabitq-max-budget)")
     ap.add_argument("--out", type=Path, default=ROOT / "eval/results/ab_step.json")
     ap.add_argument("--per-kernel", action="store_true", help="also each kernel's device time (GPU only)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)

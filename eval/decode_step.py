@@ -102,12 +102,15 @@ class Setup:
         encode_slots(self.k, all_slots, self.rot, self.center, self.codes, self.factor)
         self.ws.plan.fill(self.rpi, self.seq, self.seq, sink, window, self.ws.num_chunks(self.bs))
 
-    def ours(self, top_p, chunk: int = 64):
+    def ours(self, top_p, chunk: int = 64, max_budget: float = 1.0):
         """The step as serving runs it: with a lazy-encode list of ``chunk`` slots per request (all
-        padding, as on most steps). A tree whose decode launch does not take it encodes it on its own."""
+        padding, as on most steps). A tree whose decode launch does not take it encodes it on its own.
+        ``max_budget`` < 1: with the cap on each kv-head's union (``--rabitq-max-budget``)."""
         pending = torch.full((self.bs * chunk,), -1, dtype=torch.int64, device=self.q.device)
         fused = "pending" in inspect.signature(rabitq_decode_layer).parameters
         extra = dict(pending=pending) if fused else {}
+        if max_budget < 1.0:
+            extra["max_budget"] = max_budget
 
         def step():
             if not fused:

@@ -17,9 +17,9 @@ def copy_tree(dst: Path) -> Path:
     return dst
 
 
-def run_ab(base: Path, out: Path) -> dict:
+def run_ab(base: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(ROOT / "eval/ab_step.py"), "--base", str(base), "--shapes", "4x2x64",
-           "--contexts", "512", "--batches", "2", "--budgets", "0.1", "--out", str(out)]
+           "--contexts", "512", "--batches", "2", "--budgets", "0.1", "--out", str(out), *extra]
     subprocess.run(cmd, check=True, cwd=ROOT)  # the environment, TRITON_INTERPRET included, is inherited
     return json.loads(out.read_text())
 
@@ -42,3 +42,12 @@ def test_the_base_tree_runs_its_own_kernels(tmp_path):
     decode.write_text(src.removesuffix(LAST_LINE) + "\n    out.mul_(2)" + LAST_LINE)
     (row,) = run_ab(base, tmp_path / "ab.json")["rows"]
     assert not row["identical"] and row["max_abs_diff"] > 0
+
+
+def test_max_budget_caps_what_both_trees_read(tmp_path):
+    # random keys, none planted: top-p 0.9 keeps most of the 384 scored tokens; the cap keeps ~10 % of
+    # them (plus the 128 sink and window tokens of the 512, which every step reads)
+    base = copy_tree(tmp_path / "base")
+    (row,) = run_ab(base, tmp_path / "ab.json", "--budgets", "0", "--max-budget", "0.1")["rows"]
+    assert row["identical"]
+    assert row["base_budget"] == row["head_budget"] < (128 + 0.2 * 384) / 512
