@@ -73,7 +73,7 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path, per_kernel: bo
         hq, hkv, d = parse_shape(cfg["shape"])
         s = Setup(hq, hkv, d, cfg["context"], cfg["batch"], device="cuda" if cuda else "cpu")
         s.plant(cfg["target_budget"])
-        step = s.ours(top_p, max_budget=cfg.get("max_budget", 1.0))
+        step = s.ours(top_p, max_budget=cfg["max_budget"])
         step()
         outputs.append(s.out.float().cpu().clone())
         rows.append(dict(cfg, budget=s.budget(), us=graph_time(step) if cuda else None))

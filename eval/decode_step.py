@@ -109,7 +109,7 @@ class Setup:
         pending = torch.full((self.bs * chunk,), -1, dtype=torch.int64, device=self.q.device)
         fused = "pending" in inspect.signature(rabitq_decode_layer).parameters
         extra = dict(pending=pending) if fused else {}
-        if max_budget < 1.0:
+        if max_budget < 1.0:  # (only then: a tree from before the cap has no such parameter)
             extra["max_budget"] = max_budget
 
         def step():
