@@ -8,6 +8,7 @@ and every loop (a label up to its backward branch) is summarized by opcode.
 
 ``--resources`` adds what ptxas reports for the whole kernel: registers per thread, bytes spilled to
 local memory, and the shared memory Triton asked for (both limit how many programs an SM holds).
+``--stores`` lists the kernel's global stores by SASS opcode, i.e. by width.
 
 Arguments that SGLang's pools make multiples of 16 elements (pointers, most strides) are compiled as
 such, as Triton's runtime specialization does; ``--not-aligned`` names those that are not (the code
@@ -144,6 +145,7 @@ def main():
     ap.add_argument("--num-chunks", type=int, default=128, help="chunks per request (threshold and merge kernels)")
     ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
     ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")
+    ap.add_argument("--stores", action="store_true", help="also print the kernel's global stores by width")
     args = ap.parse_args()
     fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks)
     maxnreg = args.maxnreg or (score_max_registers(args.group) if args.kernel == "score" else None)
@@ -153,7 +155,11 @@ def main():
         r = resources(compiled)
         print(f"{args.kernel}: {r['registers']} registers per thread, {r['spill_stores']} B spill stores, "
               f"{r['spill_loads']} B spill loads, {r['shared']} B shared memory ({args.num_warps} warps)")
-    for first, last, ops in loops(sass(compiled)):
+    code = sass(compiled)
+    if args.stores:
+        widths = collections.Counter(re.findall(r"\b(STG\.E(?:\.[A-Z0-9]+)*)", code))
+        print("stores: " + ", ".join(f"{n} {op}" for op, n in sorted(widths.items())))
+    for first, last, ops in loops(code):
         top = ", ".join(f"{n} {op}" for op, n in ops.most_common(args.top))
         print(f"loop at SASS lines {first}-{last}: {sum(ops.values())} instructions: {top}")
 

@@ -57,9 +57,12 @@ def _prepare_query_kernel(
     offs_n = tl.arange(0, 16)
     nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
     entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
-    entries = table_entries(table_ptr, b, hq // GROUP, HQ // GROUP, D, WPE)
-    entries += tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
-    tl.store(entries.to(tl.pointer_type(tl.uint8)) + hq % GROUP, entry.to(tl.uint8))  # byte g: head g of the group
+    # byte g of an entry: head g of the group. Addressed in bytes: a byte pointer cast from entry
+    # pointers keeps their contiguity, and with one head a group Triton then stores two entries'
+    # bytes as one 16-bit word (odd entries never written; tests/test_kernel_sass.py)
+    first = table_entries(table_ptr, b, hq // GROUP, HQ // GROUP, D, WPE).to(tl.pointer_type(tl.uint8))
+    idx = tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
+    tl.store(first + idx * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
     if PRIOR:
         # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
         # nothing to weigh against when the scored region is empty (then the request attends densely)

@@ -135,7 +135,7 @@ def _table(b: int, hq: int, hkv: int, d: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("hq,hkv", [(4, 2), (7, 1)])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (7, 1), (3, 3)])  # (3, 3): one head a group
 def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
     b = 3
     q = torch.randn(b, hq, d).to(torch.bfloat16)
