@@ -50,12 +50,13 @@ POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_pt
                  "key_table_ptr": "*i64"}  # the layers' key buffers, as addresses
 
 
-def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128):
-    """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request)."""
+def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num_warps: int = 4, mma: bool = True):
+    """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request;
+    ``mma``: the score pass's estimate on the tensor cores, else the nibble table)."""
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True)
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps)
         return _score_kernel, consts
     if name == "attention":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
@@ -145,9 +146,10 @@ def main():
     ap.add_argument("--num-chunks", type=int, default=128, help="chunks per request (threshold and merge kernels)")
     ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
     ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")
+    ap.add_argument("--table", action="store_true", help="score: the nibble-table estimate instead of the tensor cores'")
     ap.add_argument("--stores", action="store_true", help="also print the kernel's global stores by width")
     args = ap.parse_args()
-    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks)
+    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks, args.num_warps, not args.table)
     maxnreg = args.maxnreg or (score_max_registers(args.group) if args.kernel == "score" else None)
     compiled = compile_kernel(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))),
                               maxnreg)

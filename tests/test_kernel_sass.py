@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
+KERNEL_WARPS = {"score": 4, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
 
 
 def kernel_sass(*args: str) -> str:
@@ -20,18 +20,37 @@ def kernel_sass(*args: str) -> str:
                           capture_output=True, text=True, timeout=600, check=True).stdout
 
 
-def test_score_estimate_loop_loads_one_table_entry_per_nibble_without_barriers():
-    out = kernel_sass("--kernel", "score", "--num-warps", "2", "--top", "100")
+def loop_opcodes(out: str) -> list[dict]:
     counts = []
     for line in out.splitlines():
-        ops = dict(reversed(item.split()) for item in line.split(": ", 2)[2].split(", "))
-        counts.append({op: int(n) for op, n in ops.items()})
-    estimate = next(ops for ops in counts if "STG" in ops)  # the loop that stores the logits
+        if line.startswith("loop"):
+            ops = dict(reversed(item.split()) for item in line.split(": ", 2)[2].split(", "))
+            counts.append({op: int(n) for op, n in ops.items()})
+    return counts
+
+
+def test_score_estimate_loop_loads_one_table_entry_per_nibble_without_barriers():
+    out = kernel_sass("--kernel", "score", "--num-warps", "2", "--top", "100", "--table")
+    estimate = next(ops for ops in loop_opcodes(out) if "STG" in ops)  # the loop that stores the logits
     # 2 tokens per thread at 2 warps (D 128), each: 32 nibble entries, 4 code words, its slot and
     # factor; popcounts of the code words only
     assert estimate["LDG"] == 2 * (32 + 4 + 2)
     assert estimate["POPC"] == 2 * 4
     assert not {"BAR", "STS", "LDS"} & estimate.keys()
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (6, 128), (7, 64), (8, 128)])
+def test_score_tensor_core_loop_runs_one_mma_per_two_heads(group, head_dim):
+    # one element per thread of the lane tensors (kernels.estimate_mma): a thread holding two would
+    # run each MMA twice, with operands of the wrong lanes
+    out = kernel_sass("--kernel", "score", "--num-warps", "4", "--head-dim", str(head_dim), "--group", str(group),
+                      "--top", "100")
+    estimate = next(ops for ops in loop_opcodes(out) if "BMMA" in ops)
+    assert estimate["BMMA"] == (group + 1) // 2
+    # per thread and 16 tokens of its warp: 2 slots, a code word of each, the factor of its token
+    assert estimate["LDG"] == 5
+    assert estimate["STG"] == (group + 1) // 2  # a logit per head pair
+    assert "POPC" in estimate and not {"BAR", "STS", "LDS"} & estimate.keys()
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 7])

@@ -19,7 +19,7 @@ from sglang_rabitq.kernels import (
     rabitq_decode_layer,
 )
 from sglang_rabitq.kernels.estimate import table_words
-from sglang_rabitq.kernels.score import ChunkStats, score_chunks
+from sglang_rabitq.kernels.score import ChunkStats, mma_estimate, score_chunks
 from sglang_rabitq.kernels.select import bins_between, cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
@@ -289,6 +289,35 @@ def test_score_threshold_and_cap_match_reference(hq, hkv, d, top_p, max_budget, 
             # ... and the raised thresholds
             ref_cap = union_cap_thresholds(logits, got_thr, max_budget, n=score_end - sink_end)
             _assert_same_thresholds(logits, thr[b, h * group : (h + 1) * group].cpu().double(), [ref_cap], (b, h, "cap"))
+
+
+@pytest.mark.skipif(not (ON_GPU and mma_estimate(torch.device(DEVICE))), reason="needs a GPU with 1-bit MMA")
+@pytest.mark.parametrize("hq,hkv,d", [(3, 3, 64), (4, 2, 64), (32, 8, 128), (12, 2, 128), (14, 2, 64), (8, 1, 128)])
+def test_score_tensor_core_estimate_equals_nibble_table(hq, hkv, d, fresh_seed):
+    # both sum the same integers <b, q_u> and apply the same float formula: the same stored logits,
+    # maxima and bin counts, bit for bit (poisoned outputs: every element is written by both)
+    lens = [3000, 517, 130]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    nc = 5
+    plan = _plan(batch, nc, 16, 16)
+    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
+    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
+    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
+    out = []
+    for mma in (True, False):
+        stats = ChunkStats(len(lens) * hq * nc, DEVICE)
+        stats.max.fill_(float("nan"))
+        stats.count.fill_(-7)
+        stored = torch.full(((sum(lens) + len(lens) * nc * CHUNK_ALIGN) * hq,), float("nan"), dtype=torch.float16,
+                            device=DEVICE)
+        score_chunks(qtable, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, d**-0.5, hkv, nc,
+                     mma=mma)
+        out.append((stored, stats))
+    (s_mma, st_mma), (s_tab, st_tab) = out
+    assert torch.equal(s_mma.isnan(), s_tab.isnan()) and not s_mma.isnan().all()
+    assert torch.equal(s_mma.nan_to_num(), s_tab.nan_to_num())
+    assert torch.equal(st_mma.max, st_tab.max) and torch.equal(st_mma.top, st_tab.top)
+    assert torch.equal(st_mma.count, st_tab.count)
 
 
 @triton.jit
