@@ -1,4 +1,11 @@
-"""Throughput of the binary tensor-core MMA (BMMA, and.popc) vs POPC on this GPU (probe)."""
+"""Throughput of the 1-bit tensor-core MMA (``mma.sync ... .b1 .and.popc``, SASS BMMA) against the
+popcount instruction on this GPU: what the score pass's estimate can run on.
+
+    python3 eval/bmma_probe.py
+
+Each thread of 8 programs per SM runs 8 independent MMAs (or 16 popcounts) per loop iteration;
+reported per SM and second, and as AND-popcounted bits per second for the whole GPU.
+"""
 import sys
 import torch
 import triton
@@ -6,18 +13,17 @@ import triton.language as tl
 
 
 def _asm(k: int, n_mma: int) -> str:
-    na = 4 if k == 256 else 2
-    nb = 2 if k == 256 else 1
-    a = ",".join(f"$1" for _ in range(na))
-    b = ",".join(f"$2" for _ in range(nb))
-    body = "{\n.reg .b32 c<%d>;\n" % (4 * n_mma)
-    for m in range(n_mma):
-        cs = ",".join(f"c{4*m+i}" for i in range(4))
-        body += f"mma.sync.aligned.m16n8k{k}.row.col.s32.b1.b1.s32.and.popc {{{cs}}}, {{{a}}}, {{{b}}}, {{0,0,0,0}};\n" if False else \
-            f"mma.sync.aligned.m16n8k{k}.row.col.s32.b1.b1.s32.and.popc {{{cs}}}, {{{a}}}, {{{b}}}, {{c{4*m},c{4*m+1},c{4*m+2},c{4*m+3}}};\n"
-    init = "".join(f"mov.b32 c{i}, {i};\n" for i in range(4 * n_mma))
-    tail = "add.s32 $0, c0, c1;\n" + "".join(f"add.s32 $0, $0, c{i};\n" for i in range(2, 4 * n_mma))
-    return body.replace("{\n.reg .b32 c<%d>;\n" % (4 * n_mma), "{\n.reg .b32 c<%d>;\n" % (4 * n_mma) + init) + tail + "}"
+    """``n_mma`` independent BMMAs of shape m16n8k``k`` on the same operands, summed into $0."""
+    a = ", ".join(["$1"] * (4 if k == 256 else 2))
+    b = ", ".join(["$2"] * (2 if k == 256 else 1))
+    regs = [[f"c{4 * m + i}" for i in range(4)] for m in range(n_mma)]
+    lines = [f".reg .b32 c<{4 * n_mma}>;"] + [f"mov.b32 c{i}, {i};" for i in range(4 * n_mma)]
+    for cs in regs:
+        acc = ", ".join(cs)
+        lines.append(f"mma.sync.aligned.m16n8k{k}.row.col.s32.b1.b1.s32.and.popc {{{acc}}}, {{{a}}}, {{{b}}}, {{{acc}}};")
+    lines.append("add.s32 $0, c0, c1;")
+    lines += [f"add.s32 $0, $0, c{i};" for i in range(2, 4 * n_mma)]
+    return "{\n" + "\n".join(lines) + "\n}"
 
 
 @triton.jit
@@ -44,7 +50,6 @@ def _popc_kernel(x_ptr, out_ptr, N, W: tl.constexpr):
 
 def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    clk = 1.755e9  # H100 SXM boost; reported only as a ratio
     W, progs, N = 4, sms * 8, 2000
     x = torch.randint(0, 2**31 - 1, (progs * 32 * W,), dtype=torch.int32, device="cuda")
     out = torch.empty_like(x)
