@@ -30,7 +30,7 @@ from eval.decode_step import SHAPES, Setup, bench, graph_time  # noqa: E402
 from eval.server import csv_list  # noqa: E402
 from sglang_rabitq.kernels import prepare_query  # noqa: E402
 from sglang_rabitq.kernels.decode import BLOCK_N  # noqa: E402
-from sglang_rabitq.kernels.score import score_chunks  # noqa: E402
+from sglang_rabitq.kernels.score import mma_estimate, score_chunks  # noqa: E402
 from sglang_rabitq.kernels.select import top_p_threshold  # noqa: E402
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention  # noqa: E402
 
@@ -50,9 +50,14 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
     # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
     out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qtable, prior_lse=ws.prior[:bs], k_buf=s.k,
                                                   req_to_token=s.r2t, plan=plan, center=s.center, prior_scale=sm)}
+    score = lambda **kw: lambda: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,  # noqa: E731
+                                              ws.stats, sm, s.hkv, nc, **kw)
     for w in warps:
-        out[f"score_w{w}"] = lambda w=w: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,
-                                                      ws.stats, sm, s.hkv, nc, num_warps=w)
+        out[f"score_w{w}"] = score(num_warps=w)
+        if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 1-8 tiles a round
+            out[f"score_table_w{w}"] = score(num_warps=w, mma=False)
+            for r in (1, 2, 4, 8):
+                out[f"score_mma_w{w}_r{r}"] = score(num_warps=w, mma=True, mma_rounds=r)
     out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
     for w in warps:
         out[f"attention_w{w}"] = lambda w=w: sparse_attention(

@@ -34,6 +34,7 @@ from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, _encode
 from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import PRIOR_BLOCK, _prepare_query_kernel
 from sglang_rabitq.kernels.estimate import table_words
+from sglang_rabitq.kernels.estimate_mma import MMA_ROUNDS
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel, score_max_registers
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
@@ -56,7 +57,7 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps)
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS)
         return _score_kernel, consts
     if name == "attention":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,

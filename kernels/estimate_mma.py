@@ -27,6 +27,7 @@ from sglang_rabitq.kernels.estimate import INTERPRETED, logit_rows, popcount
 
 MMA = not INTERPRETED
 MMA_TOKENS = tl.constexpr(16)  # tokens (rows) of one warp's tile
+MMA_ROUNDS = 4  # tiles per warp an iteration, loaded together
 
 # $1, $2: A (word tig of rows groupID, groupID + 8); $3: B (word tig of column groupID);
 # $4: tig & 1, i.e. the lane holds planes 2-3 (weights 4, 8) rather than 0-1 (1, 2).
@@ -95,7 +96,8 @@ def row_popcount(a0, a1, odd):
 def mma_chunk_logits(
     codes_ptr, factor_ptr, r2t_row, logit_ptr, qscal_ptr, plan_ptr, table, start, end, b, hkv, HQ, NC,
     stride_cn, stride_ch, stride_fn, sm_scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, PLAN_FIELDS: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    PLAN_FIELDS: tl.constexpr,
 ):
     """Estimated logits of a chunk ``[start, end)`` of request ``b``'s scored region for every query
     head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head ``[GP]`` (-inf where none).
@@ -109,9 +111,9 @@ def mma_chunk_logits(
     tig = lane % 4
     odd = tig % 2
     frags = plane_fragments(table, lane, GROUP, D, NT)
-    # the lane's output: token row g + 8 (tig & 1) of its warp's tile, head 2 t + tig // 2 of tile t
+    # the lane's output: token row g + 8 (tig & 1) of each of its warp's tiles, head 2 t + tig // 2 of
+    # column tile t; the W warps' tiles are consecutive, R such rounds an iteration
     row_a = (tid // 32) * MMA_TOKENS + g
-    row_out = row_a + 8 * odd
     in_d = tig < D // 32
     consts = ()
     maxes = ()
@@ -124,26 +126,37 @@ def mma_chunk_logits(
         row = logit_rows(plan_ptr, b, hkv * GROUP + head, HQ, NC, PLAN_FIELDS)
         consts = consts + ((2.0 * delta * sm_scale, 2.0 * qmin * sm_scale, -(delta * qsum + D * qmin) * sm_scale, row),)
         maxes = maxes + (tl.full((32 * W,), float("-inf"), tl.float32),)
-    for n0 in range(start, end, MMA_TOKENS * W):
-        pos_a = n0 + row_a
-        slot_a = tl.load(r2t_row + pos_a, mask=pos_a < end, other=0).to(tl.int64)
-        slot_b = tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0).to(tl.int64)
-        a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
-        a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
-        pos = n0 + row_out
-        valid = pos < end
-        slot = tl.where(odd == 1, slot_b, slot_a)
-        gf = tl.load(factor_ptr + slot * stride_fn + hkv, mask=valid, other=0.0)
-        ones = row_popcount(a0, a1, odd).to(tl.float32)
-        new_maxes = ()
-        for t in tl.static_range(NT):
-            ka, kb, kc, row = consts[t]
-            dot = mma_dot(a0, a1, frags[t], odd)
-            lg = tl.where(valid, gf * (ka * dot.to(tl.float32) + (kb * ones + kc)), float("-inf")).to(tl.float16)
-            head = 2 * t + tig // 2
-            tl.store(logit_ptr + row + pos, lg, mask=valid & (head < GROUP))
-            new_maxes = new_maxes + (tl.maximum(maxes[t], lg.to(tl.float32)),)
-        maxes = new_maxes
+    # R tiles per warp an iteration: their loads (slot, then code word) all go out before any MMA
+    for n0 in range(start, end, MMA_TOKENS * W * R):
+        tiles = ()
+        for r in tl.static_range(R):
+            pos_a = n0 + r * MMA_TOKENS * W + row_a
+            slot_a = tl.load(r2t_row + pos_a, mask=pos_a < end, other=0).to(tl.int64)
+            slot_b = tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0).to(tl.int64)
+            tiles = tiles + ((pos_a, slot_a, slot_b),)
+        words = ()
+        for r in tl.static_range(R):
+            pos_a, slot_a, slot_b = tiles[r]
+            a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
+            a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
+            valid = pos_a + 8 * odd < end
+            gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn + hkv, mask=valid, other=0.0)
+            words = words + ((a0, a1, gf),)
+        for r in tl.static_range(R):
+            pos_a, slot_a, slot_b = tiles[r]
+            a0, a1, gf = words[r]
+            pos = pos_a + 8 * odd
+            valid = pos < end
+            ones = row_popcount(a0, a1, odd).to(tl.float32)
+            new_maxes = ()
+            for t in tl.static_range(NT):
+                ka, kb, kc, row = consts[t]
+                dot = mma_dot(a0, a1, frags[t], odd)
+                lg = tl.where(valid, gf * (ka * dot.to(tl.float32) + (kb * ones + kc)), float("-inf")).to(tl.float16)
+                head = 2 * t + tig // 2
+                tl.store(logit_ptr + row + pos, lg, mask=valid & (head < GROUP))
+                new_maxes = new_maxes + (tl.maximum(maxes[t], lg.to(tl.float32)),)
+            maxes = new_maxes
     offs_g = tl.arange(0, GP)
     m = tl.full((GP,), float("-inf"), tl.float32)
     for t in tl.static_range(NT):

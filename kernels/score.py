@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate_mma import MMA, mma_chunk_logits
+from sglang_rabitq.kernels.estimate_mma import MMA, MMA_ROUNDS, mma_chunk_logits
 from sglang_rabitq.kernels.estimate import (
     HW_POPCOUNT,
     block_logits,
@@ -50,14 +50,13 @@ def score_max_registers(group: int) -> int:
     return 128 if group <= 7 else 160
 
 
-def score_num_warps(group: int, head_dim: int, mma: bool = False) -> int:
-    """Warps per score program. The tensor-core estimate holds a few registers per tile: 4 warps,
-    64 tokens an iteration. For the nibble table: a [group_pad, 128] tile of D-bit estimates on 2 warps needs ~254
+def score_num_warps(group: int, head_dim: int) -> int:
+    """Warps per score program. A [group_pad, 128] tile of D-bit estimates on 2 warps needs ~254
     registers per thread at 8 x 128 (Qwen2.5-1.5B: 12/2 heads, D 128), 4 programs per SM; on 4 warps
     128, twice the warps per SM: 116 vs 133 us at 32K, batch 32 on an H200 (kernels_breakdown-qwen15.md).
     At 4 x 128 (Llama-3.1-8B) and 8 x 64 (Qwen2.5-0.5B) the two are within 2 %, 2 warps ahead.
     With the nibble-table estimate, 4 warps at 4 x 128 measured 0.95x (ab_step-score-4warps.md)."""
-    return 4 if mma or group_pad(group) * head_dim >= 1024 else 2
+    return 4 if group_pad(group) * head_dim >= 1024 else 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +76,7 @@ def _score_kernel(
     sm_scale, stride_cn, stride_ch, stride_fn, stride_r2t, HQ, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
     NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
-    MMA: tl.constexpr, W: tl.constexpr,
+    MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -93,7 +92,7 @@ def _score_kernel(
     if MMA:
         m = mma_chunk_logits(codes_ptr, factor_ptr, r2t_ptr + rpi * stride_r2t, logit_ptr, qscal_ptr, plan_ptr, table,
                              start, end, b, hkv, HQ, NC, stride_cn, stride_ch, stride_fn, sm_scale,
-                             GROUP, GP, D, W, PLAN_FIELDS)
+                             GROUP, GP, D, W, R, PLAN_FIELDS)
     else:
         k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
         # running max per (head, column), reduced across columns once after the loop
@@ -149,10 +148,12 @@ def score_chunks(
     qtable: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
     sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int | None = None, mma: bool | None = None,
+    mma_rounds: int = MMA_ROUNDS,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
-    the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them."""
+    the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them;
+    ``mma_rounds``: 16-token tiles per warp an iteration there."""
     bsz, hq = qscal.shape[:2]
     d = qtable.shape[2] * 4
     group = hq // num_kv_heads
@@ -164,14 +165,14 @@ def score_chunks(
     if bsz * hq * nc > stats.capacity:
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
     use_mma = mma_estimate(codes.device) if mma is None else mma
-    warps = num_warps or score_num_warps(group, d, use_mma)
+    warps = num_warps or score_num_warps(group, d)
     _score_kernel[(bsz, num_kv_heads, nc)](
         qtable, qscal, codes, factor, req_to_token, plan, logits,
         stats.max, stats.top, stats.count,
         sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
-        MMA=use_mma, W=warps, num_warps=warps, maxnreg=score_max_registers(group),
+        MMA=use_mma, W=warps, R=mma_rounds, num_warps=warps, maxnreg=score_max_registers(group),
     )
 
 

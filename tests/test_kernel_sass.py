@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from sglang_rabitq.kernels.estimate_mma import MMA_ROUNDS
+
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_WARPS = {"score": 4, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
+KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
 
 
 def kernel_sass(*args: str) -> str:
@@ -46,10 +48,10 @@ def test_score_tensor_core_loop_runs_one_mma_per_two_heads(group, head_dim):
     out = kernel_sass("--kernel", "score", "--num-warps", "4", "--head-dim", str(head_dim), "--group", str(group),
                       "--top", "100")
     estimate = next(ops for ops in loop_opcodes(out) if "BMMA" in ops)
-    assert estimate["BMMA"] == (group + 1) // 2
+    assert estimate["BMMA"] == (group + 1) // 2 * MMA_ROUNDS
     # per thread and 16 tokens of its warp: 2 slots, a code word of each, the factor of its token
-    assert estimate["LDG"] == 5
-    assert estimate["STG"] == (group + 1) // 2  # a logit per head pair
+    assert estimate["LDG"] == 5 * MMA_ROUNDS
+    assert estimate["STG"] == (group + 1) // 2 * MMA_ROUNDS  # a logit per head pair
     assert "POPC" in estimate and not {"BAR", "STS", "LDS"} & estimate.keys()
 
 
