@@ -6,7 +6,8 @@ dense decode kernels (FlashInfer's and SGLang's Triton kernel), same GPU, same r
     python eval/bench_kernels.py --breakdown --out eval/results/kernels_breakdown.json
 
 ``--breakdown`` times each launch of the step on its own (graph replay), with num_warps variants of
-the two big kernels, to show where the time goes.
+the two big kernels, and the score pass's estimate by nibble table and on the tensor cores (1-8
+tiles a warp per round), to show where the time goes.
 
 The budget is set by planting "hot" keys aligned with their queries' group (a fraction of every
 request's tokens): top-p then keeps about that fraction, and the measured budget (tokens attended
@@ -114,8 +115,8 @@ def breakdown(args, bw):
     rows = []
     for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
-        for ctx in (32768, 131072):
-            for bs in (1, 32):
+        for ctx in args.contexts or (32768, 131072):
+            for bs in args.batches or (1, 32):
                 s = Setup(hq, hkv, d, ctx, bs)
                 s.plant(0.10)
                 step = s.ours(args.top_p)
@@ -131,8 +132,8 @@ def breakdown(args, bw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--contexts", type=csv_list(int), default=[8192, 32768, 131072])
-    ap.add_argument("--batches", type=csv_list(int), default=[1, 8, 32])
+    ap.add_argument("--contexts", type=csv_list(int), help="default 8K, 32K, 128K (--breakdown: 32K, 128K)")
+    ap.add_argument("--batches", type=csv_list(int), help="default 1, 8, 32 (--breakdown: 1, 32)")
     ap.add_argument("--budgets", type=csv_list(float), default=[0.05, 0.10, 0.20])
     ap.add_argument("--shapes", type=csv_list(), default=["llama3.1-8b", "qwen2.5-0.5b"], help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--top-p", type=float, default=0.9)
@@ -159,8 +160,8 @@ def main():
     rows = []
     for shape in args.shapes:
         hq, hkv, d = SHAPES[shape]
-        for ctx in args.contexts:
-            for bs in args.batches:
+        for ctx in args.contexts or (8192, 32768, 131072):
+            for bs in args.batches or (1, 8, 32):
                 s = Setup(hq, hkv, d, ctx, bs)
                 s.plant(0.0)
                 dense = {}
