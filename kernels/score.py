@@ -59,6 +59,12 @@ def score_num_warps(group: int, head_dim: int) -> int:
     return 4 if group_pad(group) * head_dim >= 1024 else 2
 
 
+# The tensor cores' estimate where it measured faster than the nibble table (kernels_breakdown-mma-h100.md,
+# 32K, batch 32, score launch): D 128 -16 % (Llama-3.1-8B shape, 295 -> 247 us) and -10 % (Qwen2.5-1.5B,
+# 95 -> 85 us); at D 64 (Qwen2.5-0.5B) +9 % (78 -> 85 us): half of each 128-bit MMA row is padding there
+MMA_MIN_HEAD_DIM = 128
+
+
 @functools.lru_cache(maxsize=None)
 def _has_mma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma .b1 .and.popc: sm_80 on
@@ -152,7 +158,8 @@ def score_chunks(
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
-    the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them;
+    the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
+    D >= ``MMA_MIN_HEAD_DIM``;
     ``mma_rounds``: 16-token tiles per warp an iteration there."""
     bsz, hq = qscal.shape[:2]
     d = qtable.shape[2] * 4
@@ -164,7 +171,7 @@ def score_chunks(
         raise ValueError(f"qtable {tuple(qtable.shape)} is not a query_nibble_table of {hq}/{num_kv_heads} heads")
     if bsz * hq * nc > stats.capacity:
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
-    use_mma = mma_estimate(codes.device) if mma is None else mma
+    use_mma = (d >= MMA_MIN_HEAD_DIM and mma_estimate(codes.device)) if mma is None else mma
     warps = num_warps or score_num_warps(group, d)
     _score_kernel[(bsz, num_kv_heads, nc)](
         qtable, qscal, codes, factor, req_to_token, plan, logits,
