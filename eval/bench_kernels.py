@@ -53,6 +53,7 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
                                                   req_to_token=s.r2t, plan=plan, center=s.center, prior_scale=sm)}
     score = lambda **kw: lambda: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,  # noqa: E731
                                               ws.stats, sm, s.hkv, nc, **kw)
+    out["score"] = score()  # as the decode step launches it
     for w in warps:
         out[f"score_w{w}"] = score(num_warps=w)
         if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 1-8 tiles a round
@@ -179,7 +180,7 @@ def main():
                     kept = s.ws.kept_tokens(bs).sum().item()
                     real_budget = kept / (bs * hkv * ctx)
                     t_graph = graph_time(fn)
-                    t_score = bench(stages(s, args.top_p, warps=(4,))["score_w4"])
+                    t_score = bench(stages(s, args.top_p, warps=())["score"])
                     code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
                     logit_bytes = bs * hq * ctx * 2  # fp16 logits: written by the score pass, read to select
                     score_bytes = code_bytes + logit_bytes
