@@ -1,7 +1,7 @@
 """The binary x INT4 estimate on the tensor cores (reference: ``estimate_int`` times the softmax
 scale): ``<b, q_u> = sum_j 2^j popcount(b AND plane_j)`` as a 1-bit matrix product,
 ``mma.sync.m16n8k128 .b1 .and.popc``, whose 16 x 8 outputs are the popcounts of 16 code rows ANDed
-with 8 query bit-planes over 128 bits. On an H100 it counts ~17x the bits of the popcount
+with 8 query bit-planes over 128 bits. On an H100 it counts ~10x the bits of the popcount
 instruction per second (``eval/bmma_probe.py``). The sums are exact integers, so this path and the
 nibble table (``kernels.estimate``) give the same ``<b, q_u>``.
 
@@ -16,7 +16,7 @@ each lane ends with one (token, head) estimate.
 That per-lane layout is built from the thread index (``%tid.x``) inside tensors of one element per
 thread (``32 * num_warps`` elements, loaded through computed, non-contiguous addresses, which Triton
 lays out one per thread). ``tests/test_kernel_sass.py`` checks the compiled loop holds one MMA per
-tile, i.e. that no thread held two elements. The interpreter (CPU tests) runs no PTX and takes the
+head pair and tile, i.e. that no thread held two elements. The interpreter (CPU tests) runs no PTX and takes the
 nibble table (``MMA`` is False there).
 """
 
@@ -85,11 +85,13 @@ def plane_fragments(table, lane, GROUP: tl.constexpr, D: tl.constexpr, NT: tl.co
 
 @triton.jit
 def mma_dot(a0, a1, b, odd):
+    """``<b, q_u>`` of each lane's (token, head) in one column tile (``_MMA_DOT``)."""
     return tl.inline_asm_elementwise(_MMA_DOT, "=r,r,r,r,r", [a0, a1, b, odd], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
 def row_popcount(a0, a1, odd):
+    """``popcount(b)`` of each lane's token: its code words' popcounts summed over the lane's group."""
     return tl.inline_asm_elementwise(_ROW_SUM, "=r,r,r,r", [popcount(a0, True), popcount(a1, True), odd],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
