@@ -6,7 +6,7 @@ popcount instruction on this GPU: what the score pass's estimate can run on.
 Each thread of 8 programs per SM runs 8 independent MMAs (or 16 popcounts) per loop iteration;
 reported per SM and second, and as AND-popcounted bits per second for the whole GPU.
 """
-import sys
+
 import torch
 import triton
 import triton.language as tl

@@ -23,7 +23,7 @@ nibble table (``MMA`` is False there).
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import INTERPRETED, logit_rows, popcount
+from sglang_rabitq.kernels.estimate import INTERPRETED, logit_constants, logit_rows, popcount
 
 MMA = not INTERPRETED
 MMA_TOKENS = tl.constexpr(16)  # tokens (rows) of one warp's tile
@@ -104,7 +104,8 @@ def mma_chunk_logits(
     PLAN_FIELDS: tl.constexpr,
 ):
     """Estimated logits of a chunk ``[start, end)`` of request ``b``'s scored region for every query
-    head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head ``[GP]`` (-inf where none).
+    head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head
+    ``[GP]`` (-inf where none).
 
     ``r2t_row``: the request's ``req_to_token`` row; ``table``: its kv-head's nibble-table entries.
     The logit is ``g * (a <b, q_u> + b popcount(b) + c)`` as in ``estimate.block_logits``."""
@@ -123,12 +124,8 @@ def mma_chunk_logits(
     maxes = ()
     for t in tl.static_range(NT):
         head = 2 * t + tig // 2
-        qrow = b * HQ + hkv * GROUP + head
-        delta = tl.load(qscal_ptr + qrow * 3 + 0, mask=head < GROUP, other=0.0)
-        qmin = tl.load(qscal_ptr + qrow * 3 + 1, mask=head < GROUP, other=0.0)
-        qsum = tl.load(qscal_ptr + qrow * 3 + 2, mask=head < GROUP, other=0.0)
-        row = logit_rows(plan_ptr, b, hkv * GROUP + head, HQ, NC, PLAN_FIELDS)
-        consts = consts + ((2.0 * delta * sm_scale, 2.0 * qmin * sm_scale, -(delta * qsum + D * qmin) * sm_scale, row),)
+        ka, kb, kc = logit_constants(qscal_ptr, b * HQ + hkv * GROUP + head, head < GROUP, sm_scale, D)
+        consts = consts + ((ka, kb, kc, logit_rows(plan_ptr, b, hkv * GROUP + head, HQ, NC, PLAN_FIELDS)),)
         maxes = maxes + (tl.full((32 * W,), float("-inf"), tl.float32),)
     # R tiles per warp an iteration: their loads (slot, then code word) all go out before any MMA
     for n0 in range(start, end, MMA_TOKENS * W * R):
@@ -143,13 +140,11 @@ def mma_chunk_logits(
             pos_a, slot_a, slot_b = tiles[r]
             a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
             a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
-            valid = pos_a + 8 * odd < end
-            gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn + hkv, mask=valid, other=0.0)
-            words = words + ((a0, a1, gf),)
+            pos = pos_a + 8 * odd  # the lane's own token
+            gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn + hkv, mask=pos < end, other=0.0)
+            words = words + ((a0, a1, gf, pos),)
         for r in tl.static_range(R):
-            pos_a, slot_a, slot_b = tiles[r]
-            a0, a1, gf = words[r]
-            pos = pos_a + 8 * odd
+            a0, a1, gf, pos = words[r]
             valid = pos < end
             ones = row_popcount(a0, a1, odd).to(tl.float32)
             new_maxes = ()

@@ -72,7 +72,9 @@ def _has_mma(device_index: int) -> bool:
 
 def mma_estimate(device: torch.device) -> bool:
     """Whether the score pass estimates on the tensor cores: compiled (not interpreted) on sm_80 or newer."""
-    return MMA and device.type == "cuda" and _has_mma(device.index if device.index is not None else torch.cuda.current_device())
+    if not (MMA and device.type == "cuda"):
+        return False
+    return _has_mma(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
@@ -102,7 +104,7 @@ def _score_kernel(
     else:
         k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
         # running max per (head, column), reduced across columns once after the loop
-        m2 = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
+        col_max = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             valid = pos < end
@@ -111,8 +113,8 @@ def _score_kernel(
                               table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW)
             lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
             tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
-            m2 = tl.maximum(m2, lg.to(tl.float32))
-        m = tl.max(m2, axis=1)
+            col_max = tl.maximum(col_max, lg.to(tl.float32))
+        m = tl.max(col_max, axis=1)
     # m stays -inf for an empty chunk: skipped later
     top = tl.where(m > float("-inf"), tl.floor(m / BIN_W), 0.0).to(tl.int32)
     out_rows = qrows * NC + c
@@ -159,8 +161,7 @@ def score_chunks(
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
     the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
-    D >= ``MMA_MIN_HEAD_DIM``;
-    ``mma_rounds``: 16-token tiles per warp an iteration there."""
+    D >= ``MMA_MIN_HEAD_DIM``; ``mma_rounds``: 16-token tiles per warp an iteration there."""
     bsz, hq = qscal.shape[:2]
     d = qtable.shape[2] * 4
     group = hq // num_kv_heads
