@@ -6,8 +6,9 @@ dense decode kernels (FlashInfer's and SGLang's Triton kernel), same GPU, same r
     python eval/bench_kernels.py --breakdown --out eval/results/kernels_breakdown.json
 
 ``--breakdown`` times each launch of the step on its own (graph replay), with num_warps variants of
-the two big kernels, and the score pass's estimate by nibble table and on the tensor cores (1-8
-tiles a warp per round), to show where the time goes.
+the two big kernels, and the score pass's estimate by nibble table and on the tensor cores (2-8
+tiles a warp per round, its slots loaded a round ahead or not), to show where the time goes;
+``--programs-per-sm 8,16,32`` repeats it at other chunk counts.
 
 The budget is set by planting "hot" keys aligned with their queries' group (a fraction of every
 request's tokens): top-p then keeps about that fraction, and the measured budget (tokens attended
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.decode_step import SHAPES, Setup, bench, graph_time  # noqa: E402
 from eval.server import csv_list  # noqa: E402
 from sglang_rabitq.kernels import prepare_query  # noqa: E402
+import sglang_rabitq.kernels.decode as decode  # noqa: E402
 from sglang_rabitq.kernels.decode import BLOCK_N  # noqa: E402
 from sglang_rabitq.kernels.score import mma_estimate, score_chunks  # noqa: E402
 from sglang_rabitq.kernels.select import top_p_threshold  # noqa: E402
@@ -48,18 +51,20 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
     ws, bs, sm = s.ws, s.bs, s.d**-0.5
     nc = ws.num_chunks(bs)
     qscal, qtable, thr, plan = ws.qscal[:bs], ws.qtable[:bs], ws.thr[:bs], ws.plan.rows[:bs]
-    # as rabitq_decode_layer launches it: with the sink/window mass (top-p over the context)
-    out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qtable, prior_lse=ws.prior[:bs], k_buf=s.k,
-                                                  req_to_token=s.r2t, plan=plan, center=s.center, prior_scale=sm)}
+    # as rabitq_decode_layer launches it (top-p over the scored region, a lazy-encode list of padding)
+    pending = torch.full((bs * 64,), -1, dtype=torch.int64, device=s.q.device)
+    out = {"prepare_query": lambda: prepare_query(s.q, s.rot, qscal, qtable, k_buf=s.k, center=s.center,
+                                                  pending=pending, codes=s.codes, factor=s.factor)}
     score = lambda **kw: lambda: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,  # noqa: E731
                                               ws.stats, sm, s.hkv, nc, **kw)
     out["score"] = score()  # as the decode step launches it
     for w in warps:
         out[f"score_w{w}"] = score(num_warps=w)
-        if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 1-8 tiles a round
+        if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 2-8 tiles a round
             out[f"score_table_w{w}"] = score(num_warps=w, mma=False)
-            for r in (1, 2, 4, 8):
-                out[f"score_mma_w{w}_r{r}"] = score(num_warps=w, mma=True, mma_rounds=r)
+            for r in (2, 4, 8):
+                for a in (0, 1):  # the next round's slots loaded ahead or not
+                    out[f"score_mma_w{w}_r{r}_a{a}"] = score(num_warps=w, mma=True, mma_rounds=r, slots_ahead=bool(a))
     out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
     for w in warps:
         out[f"attention_w{w}"] = lambda w=w: sparse_attention(
@@ -118,16 +123,19 @@ def breakdown(args, bw):
         hq, hkv, d = SHAPES[shape]
         for ctx in args.contexts or (32768, 131072):
             for bs in args.batches or (1, 32):
-                s = Setup(hq, hkv, d, ctx, bs)
-                s.plant(0.10)
-                step = s.ours(args.top_p)
-                row = dict(shape=shape, context=ctx, batch=bs, step_us=graph_time(step),
-                           num_chunks=s.ws.num_chunks(bs), budget=s.budget())
-                row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()})
-                rows.append(row)
-                print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-                del s
-                torch.cuda.empty_cache()
+                for pps in args.programs_per_sm:
+                    decode.PROGRAMS_PER_SM = pps  # read when the workspace picks its chunk count
+                    s = Setup(hq, hkv, d, ctx, bs)
+                    s.plant(0.10)
+                    step = s.ours(args.top_p)
+                    row = dict(shape=shape, context=ctx, batch=bs, programs_per_sm=pps, step_us=graph_time(step),
+                               num_chunks=s.ws.num_chunks(bs), budget=s.budget())
+                    row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()
+                                if not args.stages or name in args.stages})
+                    rows.append(row)
+                    print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                    del s
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -139,10 +147,15 @@ def main():
     ap.add_argument("--shapes", type=csv_list(), default=["llama3.1-8b", "qwen2.5-0.5b"], help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--breakdown", action="store_true", help="time each launch of the step (see above)")
+    ap.add_argument("--programs-per-sm", type=csv_list(int),
+                    help="each of these targets of programs per SM, i.e. chunks per request and kv-head "
+                         "(default: the package's)")
+    ap.add_argument("--stages", type=csv_list(), help="--breakdown: time only these launches (default: all)")
     ap.add_argument("--out", default="eval/results/kernels.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    args.programs_per_sm = args.programs_per_sm or [decode.PROGRAMS_PER_SM]
     if args.breakdown:
         rows = breakdown(args, bw)
         meta = _meta(bw)
@@ -159,44 +172,45 @@ def main():
         print("wrote", args.out)
         return
     rows = []
-    for shape in args.shapes:
+    for shape, ctx, bs, pps in itertools.product(args.shapes, args.contexts or (8192, 32768, 131072),
+                                                 args.batches or (1, 8, 32), args.programs_per_sm):
         hq, hkv, d = SHAPES[shape]
-        for ctx in args.contexts or (8192, 32768, 131072):
-            for bs in args.batches or (1, 8, 32):
-                s = Setup(hq, hkv, d, ctx, bs)
-                s.plant(0.0)
-                dense = {}
-                for name, make in (("flashinfer", flashinfer_step), ("triton", triton_dense_step)):
-                    try:
-                        dense[name] = bench(make(s))
-                    except Exception as e:  # a baseline that cannot run here is reported, not hidden
-                        print(f"{name} failed: {e!r}", flush=True)
-                dense_us = min(dense.values())
-                dense_bytes = bs * ctx * hkv * 2 * d * 2
-                for budget in args.budgets:
-                    s.plant(budget)
-                    fn = s.ours(args.top_p)
-                    t = bench(fn)
-                    kept = s.ws.kept_tokens(bs).sum().item()
-                    real_budget = kept / (bs * hkv * ctx)
-                    t_graph = graph_time(fn)
-                    t_score = bench(stages(s, args.top_p, warps=())["score"])
-                    code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
-                    logit_bytes = bs * hq * ctx * 2  # fp16 logits: written by the score pass, read to select
-                    score_bytes = code_bytes + logit_bytes
-                    our_bytes = score_bytes + logit_bytes + kept * 2 * d * 2
-                    row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,
-                               target_budget=budget, budget=real_budget, top_p=args.top_p,
-                               flashinfer_us=dense.get("flashinfer"), triton_us=dense.get("triton"),
-                               dense_us=dense_us, rabitq_us=t, rabitq_graph_us=t_graph,
-                               speedup=dense_us / t, speedup_graph=dense_us / t_graph,
-                               score_us=t_score, score_gbps=score_bytes / (t_score / 1e6) / 1e9,
-                               gbps=our_bytes / (t / 1e6) / 1e9, dense_gbps=dense_bytes / (dense_us / 1e6) / 1e9)
-                    row["score_bw_fraction"] = row["score_gbps"] / bw
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-                del s
-                torch.cuda.empty_cache()
+        decode.PROGRAMS_PER_SM = pps  # read when the workspace picks its chunk count
+        s = Setup(hq, hkv, d, ctx, bs)
+        s.plant(0.0)
+        dense = {}
+        for name, make in (("flashinfer", flashinfer_step), ("triton", triton_dense_step)):
+            try:
+                dense[name] = bench(make(s))
+            except Exception as e:  # a baseline that cannot run here is reported, not hidden
+                print(f"{name} failed: {e!r}", flush=True)
+        dense_us = min(dense.values())
+        dense_bytes = bs * ctx * hkv * 2 * d * 2
+        for budget in args.budgets:
+            s.plant(budget)
+            fn = s.ours(args.top_p)
+            t = bench(fn)
+            kept = s.ws.kept_tokens(bs).sum().item()
+            real_budget = kept / (bs * hkv * ctx)
+            t_graph = graph_time(fn)
+            t_score = bench(stages(s, args.top_p, warps=())["score"])
+            code_bytes = bs * hkv * ctx * (d // 8 + 4 + 4)  # codes, factor, req_to_token
+            logit_bytes = bs * hq * ctx * 2  # fp16 logits: written by the score pass, read to select
+            score_bytes = code_bytes + logit_bytes
+            our_bytes = score_bytes + logit_bytes + kept * 2 * d * 2
+            row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,
+                       programs_per_sm=pps, num_chunks=s.ws.num_chunks(bs), target_budget=budget,
+                       budget=real_budget, top_p=args.top_p,
+                       flashinfer_us=dense.get("flashinfer"), triton_us=dense.get("triton"),
+                       dense_us=dense_us, rabitq_us=t, rabitq_graph_us=t_graph,
+                       speedup=dense_us / t, speedup_graph=dense_us / t_graph,
+                       score_us=t_score, score_gbps=score_bytes / (t_score / 1e6) / 1e9,
+                       gbps=our_bytes / (t / 1e6) / 1e9, dense_gbps=dense_bytes / (dense_us / 1e6) / 1e9)
+            row["score_bw_fraction"] = row["score_gbps"] / bw
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        del s
+        torch.cuda.empty_cache()
     meta = _meta(bw)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -206,10 +220,10 @@ def main():
         f.write(f"# Decode attention, one layer: RaBitQ vs dense\n\n{meta['gpu']}, torch {meta['torch']}, triton "
                 f"{meta['triton']}, sglang {meta['sglang']}, flashinfer {meta.get('flashinfer')}, {meta['date']}. "
                 f"Copy bandwidth {bw:.0f} GB/s. Command: `{meta['command']}`\n\n"
-                "| shape | context | batch | budget | flashinfer us | triton us | rabitq us | graph us | speedup | score GB/s (% of copy) |\n"
-                "|---|---|---|---|---|---|---|---|---|---|\n")
+                "| shape | context | batch | chunks | budget | flashinfer us | triton us | rabitq us | graph us | speedup | score GB/s (% of copy) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
-            f.write(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['budget']:.3f} | {r['flashinfer_us'] or float('nan'):.1f} | "
+            f.write(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['num_chunks']} | {r['budget']:.3f} | {r['flashinfer_us'] or float('nan'):.1f} | "
                     f"{r['triton_us'] or float('nan'):.1f} | {r['rabitq_us']:.1f} | {r['rabitq_graph_us']:.1f} | "
                     f"{r['speedup_graph']:.2f}x | {r['score_gbps']:.0f} ({100 * r['score_bw_fraction']:.0f}%) |\n")
     print("wrote", args.out, md)

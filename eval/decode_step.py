@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 
+import sglang_rabitq.kernels as rabitq_kernels
 from sglang_rabitq.kernels import DecodeWorkspace, encode_slots, rabitq_decode_layer
 from sglang_rabitq.reference import random_rotation
 
@@ -82,8 +83,11 @@ class Setup:
         self.r2t = (torch.arange(bs * ctx, device=device, dtype=torch.int32) + 1).view(bs, ctx)
         self.rot = random_rotation(d, seed=1, num_heads=hkv).to(device)
         self.center = torch.zeros(hkv, d, device=device)
-        self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device=device)
-        self.factor = torch.zeros(n, hkv, device=device)
+        if hasattr(rabitq_kernels, "code_buffers"):  # the layout the tree's code pool allocates
+            self.codes, self.factor = rabitq_kernels.code_buffers(n, hkv, d, device)
+        else:  # a tree from before the kv-head-major layout: its kernels read factors slot-major only
+            self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device=device)
+            self.factor = torch.zeros(n, hkv, device=device)
         self.out = torch.empty_like(self.q)
         self.ws = DecodeWorkspace(bs, hq, hkv, d, ctx, device)
         self.seq = torch.full((bs,), ctx, device=device, dtype=torch.int32)

@@ -11,8 +11,10 @@ local memory, and the shared memory Triton asked for (both limit how many progra
 ``--stores`` lists the kernel's global stores by SASS opcode, i.e. by width.
 
 Arguments that SGLang's pools make multiples of 16 elements (pointers, most strides) are compiled as
-such, as Triton's runtime specialization does; ``--not-aligned`` names those that are not (the code
-and factor strides of a shape with few kv-heads, by default).
+such, as Triton's runtime specialization does; ``--not-aligned`` names those that are not (by default
+the strides of the kv-head-major code buffers that depend on the pool's size, and the code row's
+D / 32 words). The factors' slot stride, 1 in that layout, is compiled as the constant 1, as Triton
+specializes it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from sglang_rabitq.kernels.plan import _plan_kernel, plan_constexprs
 from sglang_rabitq.kernels.query import PRIOR_BLOCK, _prepare_query_kernel
 from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.estimate_mma import MMA_ROUNDS
-from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, _score_kernel, score_max_registers
+from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, SLOTS_AHEAD, _score_kernel, score_max_registers
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
 from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
@@ -57,7 +59,8 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS)
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS,
+                      AHEAD=SLOTS_AHEAD)
         return _score_kernel, consts
     if name == "attention":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
@@ -80,8 +83,12 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     raise ValueError(f"unknown kernel {name!r}")
 
 
+UNIT_STRIDES = {"stride_fn": 1}  # code_buffers: a kv-head's factors are contiguous over slots
+
+
 def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str], maxnreg: int | None = None):
     names = fn.arg_names
+    consts = {**{k: v for k, v in UNIT_STRIDES.items() if k in names}, **consts}
     sig = {}
     for n in names:
         if n in consts:
@@ -143,7 +150,7 @@ def main():
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap (default: the launcher's)")
-    ap.add_argument("--not-aligned", default="stride_ch,stride_fn")
+    ap.add_argument("--not-aligned", default="stride_cn,stride_ch,stride_fh")
     ap.add_argument("--num-chunks", type=int, default=128, help="chunks per request (threshold and merge kernels)")
     ap.add_argument("--top", type=int, default=12, help="opcodes shown per loop")
     ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")

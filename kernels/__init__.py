@@ -16,7 +16,7 @@ kernel runs outside the CUDA graphs at every decode step; ``tests/test_compile_o
 """
 
 from sglang_rabitq.kernels.decode import DecodePlan, DecodeWorkspace, rabitq_decode_layer
-from sglang_rabitq.kernels.encode import encode_slots, encode_slots_all_layers, key_pointers
+from sglang_rabitq.kernels.encode import code_buffers, encode_slots, encode_slots_all_layers, key_pointers
 from sglang_rabitq.kernels.plan import plan_decode
 from sglang_rabitq.kernels.query import prepare_query
 from sglang_rabitq.kernels.score import score_chunks
@@ -27,6 +27,7 @@ __all__ = [
     "DecodePlan",
     "DecodeWorkspace",
     "cap_union",
+    "code_buffers",
     "encode_slots",
     "encode_slots_all_layers",
     "key_pointers",

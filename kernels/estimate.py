@@ -56,7 +56,7 @@ def block_logits(
     """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``:
     ``g * (a <b, q_u> + b popcount(b) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``.
 
-    ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
+    ``factor_ptr``: the kv-head's factors (``factor[:, hkv]``). ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
     int64 (up to 4 or 8 heads: one load per nibble). ``offs_g = arange(GP)``. Invalid tokens get -inf.
     """
     WORDS: tl.constexpr = D // 32
@@ -72,7 +72,7 @@ def block_logits(
     # head g: lane g // 2 (16 bits each) of lo (g even) or hi (g odd)
     src = tl.where((offs_g % 2 == 0)[:, None], lo[None, :], hi[None, :])
     b_dot_q = ((src >> (16 * (offs_g // 2)).to(src.dtype)[:, None]) & 0xFFFF).to(tl.int32)
-    g = tl.load(factor_ptr + slots * stride_fn + hkv, mask=valid, other=0.0)
+    g = tl.load(factor_ptr + slots * stride_fn, mask=valid, other=0.0)
     ip = a[:, None] * b_dot_q.to(tl.float32) + (b[:, None] * ones.to(tl.float32)[None, :] + c[:, None])
     return tl.where(valid[None, :], g[None, :] * ip, float("-inf"))
 

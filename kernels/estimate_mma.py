@@ -97,19 +97,51 @@ def row_popcount(a0, a1, odd):
 
 
 @triton.jit
+def _round_slots(r2t_row, n0, row_a, end, W: tl.constexpr, R: tl.constexpr):
+    """Per tile of the round at ``n0``: (the lane's row position, the slots of rows ``groupID`` and
+    ``groupID + 8``); 0 past ``end``."""
+    tiles = ()
+    for r in tl.static_range(R):
+        pos_a = n0 + r * MMA_TOKENS * W + row_a
+        slot_a = tl.load(r2t_row + pos_a, mask=pos_a < end, other=0).to(tl.int64)
+        slot_b = tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0).to(tl.int64)
+        tiles = tiles + ((pos_a, slot_a, slot_b),)
+    return tiles
+
+
+@triton.jit
+def _round_words(codes_ptr, factor_ptr, tiles, end, hkv, stride_cn, stride_ch, stride_fn, tig, odd, in_d,
+                 R: tl.constexpr):
+    """Per tile: the A words (``tig`` of both rows), the factor and position of the lane's own token."""
+    words = ()
+    for r in tl.static_range(R):
+        pos_a, slot_a, slot_b = tiles[r]
+        a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
+        a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
+        pos = pos_a + 8 * odd  # the lane's own token
+        gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn, mask=pos < end, other=0.0)
+        words = words + ((a0, a1, gf, pos),)
+    return words
+
+
+@triton.jit
 def mma_chunk_logits(
     codes_ptr, factor_ptr, r2t_row, logit_ptr, qscal_ptr, plan_ptr, table, start, end, b, hkv, HQ, NC,
     stride_cn, stride_ch, stride_fn, sm_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    PLAN_FIELDS: tl.constexpr,
+    AHEAD: tl.constexpr, PLAN_FIELDS: tl.constexpr,
 ):
     """Estimated logits of a chunk ``[start, end)`` of request ``b``'s scored region for every query
     head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head
     ``[GP]`` (-inf where none).
 
-    ``r2t_row``: the request's ``req_to_token`` row; ``table``: its kv-head's nibble-table entries.
-    The logit is ``g * (a <b, q_u> + b popcount(b) + c)`` as in ``estimate.block_logits``."""
+    ``r2t_row``: the request's ``req_to_token`` row; ``factor_ptr``: the kv-head's factors
+    (``factor[:, hkv]``); ``table``: its kv-head's nibble-table entries.
+    The logit is ``g * (a <b, q_u> + b popcount(b) + c)`` as in ``estimate.block_logits``.
+    ``AHEAD``: the next round's slots load beside this round's code words (software pipelining of
+    the gather slot -> code word), else each round waits on both in turn."""
     NT: tl.constexpr = (GROUP + 1) // 2
+    STEP: tl.constexpr = MMA_TOKENS * W * R
     tid = thread_index(W)
     lane = tid % 32
     g = lane // 4
@@ -127,24 +159,19 @@ def mma_chunk_logits(
         ka, kb, kc = logit_constants(qscal_ptr, b * HQ + hkv * GROUP + head, head < GROUP, sm_scale, D)
         consts = consts + ((ka, kb, kc, logit_rows(plan_ptr, b, hkv * GROUP + head, HQ, NC, PLAN_FIELDS)),)
         maxes = maxes + (tl.full((32 * W,), float("-inf"), tl.float32),)
-    # R tiles per warp an iteration: their loads (slot, then code word) all go out before any MMA
-    for n0 in range(start, end, MMA_TOKENS * W * R):
-        tiles = ()
+    if AHEAD:
+        tiles = _round_slots(r2t_row, start, row_a, end, W, R)
+    # all of a round's loads go out before its first MMA
+    for n0 in range(start, end, STEP):
+        if AHEAD:  # this round's slots came with the round before; the next round's load beside its code words
+            this = _round_words(codes_ptr, factor_ptr, tiles, end, hkv, stride_cn, stride_ch, stride_fn, tig, odd,
+                                in_d, R)
+            tiles = _round_slots(r2t_row, n0 + STEP, row_a, end, W, R)
+        else:  # two memory round trips a round: its slots, then its code words
+            this = _round_words(codes_ptr, factor_ptr, _round_slots(r2t_row, n0, row_a, end, W, R), end, hkv,
+                                stride_cn, stride_ch, stride_fn, tig, odd, in_d, R)
         for r in tl.static_range(R):
-            pos_a = n0 + r * MMA_TOKENS * W + row_a
-            slot_a = tl.load(r2t_row + pos_a, mask=pos_a < end, other=0).to(tl.int64)
-            slot_b = tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0).to(tl.int64)
-            tiles = tiles + ((pos_a, slot_a, slot_b),)
-        words = ()
-        for r in tl.static_range(R):
-            pos_a, slot_a, slot_b = tiles[r]
-            a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
-            a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
-            pos = pos_a + 8 * odd  # the lane's own token
-            gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn + hkv, mask=pos < end, other=0.0)
-            words = words + ((a0, a1, gf, pos),)
-        for r in tl.static_range(R):
-            a0, a1, gf, pos = words[r]
+            a0, a1, gf, pos = this[r]
             valid = pos < end
             ones = row_popcount(a0, a1, odd).to(tl.float32)
             new_maxes = ()

@@ -27,7 +27,7 @@ PRIOR_BLOCK = 64  # keys per block of the sink/window mass
 def _prepare_query_kernel(
     q_ptr, rot_ptr, qscal_ptr, table_ptr, seed_ptr, stride_qb, stride_qh,
     k_ptr, r2t_ptr, plan_ptr, center_ptr, prior_ptr, prior_scale, stride_kn, stride_kh, stride_r2t,
-    pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn,
+    pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn, stride_fh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WPE: tl.constexpr, RANDOM: tl.constexpr,
     PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr,
@@ -92,7 +92,7 @@ def _prepare_query_kernel(
                 offs_j = j0 + tl.arange(0, ENC_N)
                 slots = tl.load(pending_ptr + b * CHUNK + offs_j, mask=offs_j < CHUNK, other=-1).to(tl.int64)
                 encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, hq,
-                             stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, D, ENC_N, ENC_D)
+                             stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, ENC_N, ENC_D)
 
 
 def prepare_query(
@@ -136,6 +136,7 @@ def prepare_query(
         k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0) if with_prior else 0,
         pending if encoding else qtable, codes, factor,
         codes.stride(0) if encoding else 0, codes.stride(1) if encoding else 0, factor.stride(0) if encoding else 0,
+        factor.stride(1) if encoding else 1,
         HQ=hq, GROUP=group, D=d, WPE=table_words(group), RANDOM=random,
         PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
         CHUNK=chunk, ENC_N=min(ENCODE_BLOCK_N, triton.next_power_of_2(max(chunk, 1))), ENC_D=ENCODE_BLOCK_D,

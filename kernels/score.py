@@ -59,6 +59,12 @@ def score_num_warps(group: int, head_dim: int) -> int:
     return 4 if group_pad(group) * head_dim >= 1024 else 2
 
 
+# The next block's slots load beside this block's code words (both estimates): the gather slot -> code
+# word waits on memory once a block, not twice. Tensor cores, Llama-3.1-8B shape, 32K, H100
+# (kernels_breakdown-ahead-h100.md): score launch 244 -> 229 us on 4 warps, 239 -> 241 on 2, at batch 32;
+# 18.7 -> 17.5 us at batch 1; loading two blocks ahead was no better
+SLOTS_AHEAD = True
+
 # The tensor cores' estimate where it measured faster than the nibble table (kernels_breakdown-mma-h100.md,
 # 32K, batch 32, score launch): D 128 -16 % (Llama-3.1-8B shape, 295 -> 247 us) and -10 % (Qwen2.5-1.5B,
 # 95 -> 85 us); at D 64 (Qwen2.5-0.5B) +9 % (78 -> 85 us): half of each 128-bit MMA row is padding there
@@ -81,10 +87,10 @@ def mma_estimate(device: torch.device) -> bool:
 def _score_kernel(
     table_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
     cmax_ptr, ctop_ptr, ccount_ptr,
-    sm_scale, stride_cn, stride_ch, stride_fn, stride_r2t, HQ, NC,
+    sm_scale, stride_cn, stride_ch, stride_fn, stride_fh, stride_r2t, HQ, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
     NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
-    MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr, AHEAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -98,18 +104,25 @@ def _score_kernel(
     rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
     table = table_entries(table_ptr, b, hkv, HQ // GROUP, D, WPE)
     if MMA:
-        m = mma_chunk_logits(codes_ptr, factor_ptr, r2t_ptr + rpi * stride_r2t, logit_ptr, qscal_ptr, plan_ptr, table,
+        m = mma_chunk_logits(codes_ptr, factor_ptr + hkv * stride_fh, r2t_ptr + rpi * stride_r2t, logit_ptr, qscal_ptr, plan_ptr, table,
                              start, end, b, hkv, HQ, NC, stride_cn, stride_ch, stride_fn, sm_scale,
-                             GROUP, GP, D, W, R, PLAN_FIELDS)
+                             GROUP, GP, D, W, R, AHEAD, PLAN_FIELDS)
     else:
         k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
         # running max per (head, column), reduced across columns once after the loop
         col_max = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        if AHEAD:
+            slots_next = tl.load(r2t_ptr + rpi * stride_r2t + start + offs_n, mask=start + offs_n < end, other=0)
         for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
+            pos = n0 + offs_n
             valid = pos < end
-            slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-            lg = block_logits(codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
+            if AHEAD:
+                slots = slots_next.to(tl.int64)
+                slots_next = tl.load(r2t_ptr + rpi * stride_r2t + pos + BLOCK_N, mask=pos + BLOCK_N < end, other=0)
+            else:
+                slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
+            lg = block_logits(codes_ptr, factor_ptr + hkv * stride_fh, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
                               table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW)
             lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
             tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
@@ -123,31 +136,49 @@ def _score_kernel(
     tl.debug_barrier()  # this program's logit stores are visible to all its threads
     offs_j = tl.arange(0, NB)
     count = tl.zeros((GP, NB), tl.int32)
+    # a thread's VEC consecutive logits load as one vector, all or none: rows and chunks start at
+    # whole CHUNK_ALIGN blocks, so such a group is aligned, and one that starts before the chunk's
+    # end lies inside the workspace (what lies past the end is loaded, never counted)
+    VEC: tl.constexpr = min(8, HBLOCK // (32 * W))
+    offs_h = tl.arange(0, HBLOCK)
+    lead = offs_h // VEC * VEC
     if GROUP > HEADS_AT_ONCE_FROM:
         for n0 in range(start, end, HBLOCK):
-            pos = n0 + tl.arange(0, HBLOCK)
-            valid = pos < end
+            valid = n0 + offs_h < end
             # every head's block is requested before the first histogram: one memory round trip per
             # block, not one per head (the histograms synchronize the warps, which keeps loads behind them)
             blocks = ()
             for g in tl.static_range(GROUP):
-                row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
-                blocks = blocks + (tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg"),)
+                base = tl.multiple_of(tl.sum(tl.where(offs_g == g, rows, 0), axis=0) + n0, VEC)
+                blocks = blocks + (tl.load(logit_ptr + base + offs_h, mask=lead < end - n0, other=0.0,
+                                           cache_modifier=".cg"),)
             for g in tl.static_range(GROUP):
                 top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
                 k = top_g - tl.floor(blocks[g].to(tl.float32) / BIN_W).to(tl.int32)  # bin counted down from the top
                 count = tl.where(offs_g[:, None] == g, count + tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))[None, :], count)
-    else:  # one head at a time
+    else:  # one head at a time; each block's logits load while the block before is counted (the
+        # next block of the head or the first of the next head), so the walk waits on memory once
+        nblk = tl.cdiv(end - start, HBLOCK)
+        row_next = tl.sum(tl.where(offs_g == 0, rows, 0), axis=0)
+        lg = tl.load(logit_ptr + tl.multiple_of(row_next + start, VEC) + offs_h, mask=lead < end - start, other=0.0,
+                     cache_modifier=".cg")
         for g in tl.static_range(GROUP):
             top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
-            row_g = tl.sum(tl.where(offs_g == g, rows, 0), axis=0)
+            row_g = row_next
+            row_next = tl.sum(tl.where(offs_g == g + 1, rows, 0), axis=0)
             count_g = tl.zeros((NB,), tl.int32)
-            for n0 in range(start, end, HBLOCK):
-                pos = n0 + tl.arange(0, HBLOCK)
-                valid = pos < end
-                lg = tl.load(logit_ptr + row_g + pos, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
-                k = top_g - tl.floor(lg / BIN_W).to(tl.int32)
-                count_g += tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))
+            for j in range(0, nblk):
+                this = lg
+                last = j + 1 == nblk
+                # scalars, so that the load stays one vector a thread
+                nstart = tl.where(last, start, start + (j + 1) * HBLOCK)
+                nrow = tl.where(last, row_next, row_g)
+                nend = tl.where(last & (g + 1 == GROUP), start, end)
+                lg = tl.load(logit_ptr + tl.multiple_of(nrow + nstart, VEC) + offs_h, mask=lead < nend - nstart,
+                             other=0.0, cache_modifier=".cg")
+                k = top_g - tl.floor(this.to(tl.float32) / BIN_W).to(tl.int32)
+                pos = start + j * HBLOCK + offs_h
+                count_g += tl.histogram(k, NB, mask=(pos < end) & (k >= 0) & (k < NB))
             count = tl.where(offs_g[:, None] == g, count_g[None, :], count)
     tl.store(ccount_ptr + (qrows[:, None] * NC + c) * NB + offs_j[None, :], count, mask=gmask[:, None] & (end > start))
 
@@ -156,12 +187,13 @@ def score_chunks(
     qtable: torch.Tensor, qscal: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
     sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int | None = None, mma: bool | None = None,
-    mma_rounds: int = MMA_ROUNDS,
+    mma_rounds: int = MMA_ROUNDS, slots_ahead: bool = SLOTS_AHEAD,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
     the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
-    D >= ``MMA_MIN_HEAD_DIM``; ``mma_rounds``: 16-token tiles per warp an iteration there."""
+    D >= ``MMA_MIN_HEAD_DIM``; ``mma_rounds``: 16-token tiles per warp an iteration there;
+    ``slots_ahead``: each block's slots load with the block before (``SLOTS_AHEAD``)."""
     bsz, hq = qscal.shape[:2]
     d = qtable.shape[2] * 4
     group = hq // num_kv_heads
@@ -177,10 +209,10 @@ def score_chunks(
     _score_kernel[(bsz, num_kv_heads, nc)](
         qtable, qscal, codes, factor, req_to_token, plan, logits,
         stats.max, stats.top, stats.count,
-        sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), req_to_token.stride(0), hq, nc,
+        sm_scale, codes.stride(0), codes.stride(1), factor.stride(0), factor.stride(1), req_to_token.stride(0), hq, nc,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
-        MMA=use_mma, W=warps, R=mma_rounds, num_warps=warps, maxnreg=score_max_registers(group),
+        MMA=use_mma, W=warps, R=mma_rounds, AHEAD=slots_ahead, num_warps=warps, maxnreg=score_max_registers(group),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sglang_rabitq.config import RaBitQConfig
+from sglang_rabitq.kernels.encode import code_buffers
 from sglang_rabitq.reference.codes import random_rotation
 
 
@@ -53,8 +54,8 @@ class CodePool:
         sparse = len(self.sparse_layers)
         # one tensor over the sparse layers each (a forward batch's new keys are encoded for all of them
         # in one launch: ``encode_slots_all_layers``), and per-layer views of them
-        self.stacked_codes = torch.zeros(sparse, num_slots, num_kv_heads, words, dtype=torch.int32, device=device)
-        self.stacked_factor = torch.zeros(sparse, num_slots, num_kv_heads, dtype=torch.float32, device=device)
+        # [sparse layers, slots, kv-heads, ...], stored kv-head-major (code_buffers)
+        self.stacked_codes, self.stacked_factor = code_buffers(num_slots, num_kv_heads, head_dim, device, sparse)
         self.stacked_rot = torch.zeros(sparse, num_kv_heads, head_dim, head_dim, dtype=torch.float32, device=device)
         for i, layer in enumerate(self.sparse_layers):
             self.stacked_rot[i] = layer_rotations(head_dim, config.seed, layer,

@@ -12,6 +12,7 @@ from kernel_cases import make_batch
 from conftest import DEVICE
 from sglang_rabitq.kernels import (
     DecodeWorkspace,
+    code_buffers,
     encode_slots,
     encode_slots_all_layers,
     key_pointers,
@@ -87,7 +88,8 @@ def test_encode_of_padding_only_writes_nothing():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_encode_of_all_layers_in_one_launch_matches_each_layer(dtype, fresh_seed):
+@pytest.mark.parametrize("kv_major", [False, True])  # contiguous; as the code pool stores them (code_buffers)
+def test_encode_of_all_layers_in_one_launch_matches_each_layer(dtype, kv_major, fresh_seed):
     """Layer l's keys (a tensor of their own, as the KV pool keeps them) land in codes[l] and factor[l]
     with layer l's rotation and centre; padding and slots not listed keep their poison."""
     layers, h, d, n = 3, 2, 64, (2000 if ON_GPU else 70)
@@ -97,6 +99,11 @@ def test_encode_of_all_layers_in_one_launch_matches_each_layer(dtype, fresh_seed
     slots = torch.cat([torch.randperm(n)[: n // 2], torch.tensor([-1, -1])]).to(DEVICE)
     codes = torch.full((layers, n, h, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE)  # poison
     factor = torch.full((layers, n, h), float("nan"), device=DEVICE)
+    if kv_major:
+        codes, factor = code_buffers(n, h, d, DEVICE, layers)
+        assert factor.stride(1) == 1 and codes.stride(2) == n * (d // 32)
+        codes.fill_(0x5A5A5A5A)
+        factor.fill_(float("nan"))
     encode_slots_all_layers(key_pointers(keys), keys[0], slots, rot.to(DEVICE), center.to(DEVICE), codes, factor)
     written = slots[slots >= 0].cpu()
     untouched = torch.ones(n, dtype=torch.bool)
@@ -318,6 +325,33 @@ def test_score_tensor_core_estimate_equals_nibble_table(hq, hkv, d, fresh_seed):
     assert torch.equal(s_mma.nan_to_num(), s_tab.nan_to_num())
     assert torch.equal(st_mma.max, st_tab.max) and torch.equal(st_mma.top, st_tab.top)
     assert torch.equal(st_mma.count, st_tab.count)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 128), (14, 2, 64)])
+def test_score_reads_codes_and_factors_through_their_strides(hq, hkv, d, fresh_seed):
+    # the same codes and factors stored kv-head-major (each kv-head's slots contiguous) score the same
+    lens = [3000, 517] if ON_GPU else [600, 130]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    nc = 3
+    plan = _plan(batch, nc, 16, 16)
+    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
+    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
+    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
+    codes_kv = batch.codes.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    factor_kv = batch.factor.t().contiguous().t()
+    assert factor_kv.stride(1) != 1 and codes_kv.stride(1) != batch.codes.stride(1)
+    out = []
+    for codes, factor in ((batch.codes, batch.factor), (codes_kv, factor_kv)):
+        stats = ChunkStats(len(lens) * hq * nc, DEVICE)
+        stats.count.fill_(-7)
+        stored = torch.full(((sum(lens) + len(lens) * nc * CHUNK_ALIGN) * hq,), float("nan"), dtype=torch.float16,
+                            device=DEVICE)
+        score_chunks(qtable, qscal, codes, factor, batch.req_to_token, plan, stored, stats, d**-0.5, hkv, nc)
+        out.append((stored, stats))
+    (s_a, st_a), (s_b, st_b) = out
+    assert not s_a.isnan().all() and torch.equal(s_a.nan_to_num(), s_b.nan_to_num())
+    assert torch.equal(s_a.isnan(), s_b.isnan())
+    assert torch.equal(st_a.max, st_b.max) and torch.equal(st_a.count, st_b.count)
 
 
 @triton.jit
