@@ -58,6 +58,7 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
     score = lambda **kw: lambda: score_chunks(qtable, qscal, s.codes, s.factor, s.r2t, plan, ws.logits,  # noqa: E731
                                               ws.stats, sm, s.hkv, nc, **kw)
     out["score"] = score()  # as the decode step launches it
+    out["score_hist_shared"] = score(ballot=False)  # the histograms by tl.histogram (shared memory)
     for w in warps:
         out[f"score_w{w}"] = score(num_warps=w)
         if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 2-8 tiles a round

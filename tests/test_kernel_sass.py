@@ -1,6 +1,7 @@
 """The kernels compiled for an H100 (sm_90) on this machine: the score kernel's estimate loop runs on the
 hardware popcount and without shared-memory round trips (a layout conversion or barrier there costs
-more than the estimate itself), and no kernel spills registers to local memory."""
+more than the estimate itself), its histogram counts by warp ballots, not shared memory, and no kernel
+spills registers to local memory."""
 
 import os
 import re
@@ -39,6 +40,17 @@ def test_score_estimate_loop_loads_one_table_entry_per_nibble_without_barriers()
     assert estimate["LDG"] == 2 * (32 + 4 + 2)
     assert estimate["POPC"] == 2 * 4
     assert not {"BAR", "STS", "LDS"} & estimate.keys()
+
+
+def test_score_histogram_loop_counts_by_ballots_in_one_load_per_thread():
+    out = kernel_sass("--kernel", "score", "--num-warps", "2", "--top", "100")
+    hist = next(ops for ops in loop_opcodes(out) if "VOTE" in ops)  # the first head's walk (its fallback follows)
+    # 8 logits per thread of a 512-logit block at 2 warps, loaded at once: 7 ballots each (6 bin bits
+    # and "in range"), 2 popcounts (the lane's two bins), no shared memory
+    assert hist["LDG"] == 1
+    assert hist["VOTE"] == 8 * 7
+    assert hist["POPC"] == 8 * 2
+    assert not {"BAR", "STS", "LDS", "ATOMS"} & hist.keys()
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (6, 128), (7, 64), (8, 128)])

@@ -298,60 +298,51 @@ def test_score_threshold_and_cap_match_reference(hq, hkv, d, top_p, max_budget, 
             _assert_same_thresholds(logits, thr[b, h * group : (h + 1) * group].cpu().double(), [ref_cap], (b, h, "cap"))
 
 
+def _scores(batch, hq, hkv, d, nc, variants):
+    """``score_chunks`` of ``batch`` once per ``(codes, factor, kwargs)`` of ``variants``, each into
+    poisoned outputs: a list of (stored logits, stats)."""
+    plan = _plan(batch, nc, 16, 16)
+    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
+    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
+    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
+    out = []
+    for codes, factor, kwargs in variants:
+        stats = ChunkStats(batch.q.shape[0] * hq * nc, DEVICE)
+        stats.max.fill_(float("nan"))
+        stats.count.fill_(-7)
+        stored = torch.full(((int(batch.seq_lens.sum()) + batch.q.shape[0] * nc * CHUNK_ALIGN) * hq,), float("nan"),
+                            dtype=torch.float16, device=DEVICE)
+        score_chunks(qtable, qscal, codes, factor, batch.req_to_token, plan, stored, stats, d**-0.5, hkv, nc, **kwargs)
+        out.append((stored, stats))
+    return out
+
+
+def _assert_same_scores(a, b):
+    (s_a, st_a), (s_b, st_b) = a, b
+    assert torch.equal(s_a.isnan(), s_b.isnan()) and not s_a.isnan().all()
+    assert torch.equal(s_a.nan_to_num(), s_b.nan_to_num())
+    assert torch.equal(st_a.max, st_b.max) and torch.equal(st_a.top, st_b.top)
+    assert torch.equal(st_a.count, st_b.count)
+
+
 @pytest.mark.skipif(not (ON_GPU and mma_estimate(torch.device(DEVICE))), reason="needs a GPU with 1-bit MMA")
 @pytest.mark.parametrize("hq,hkv,d", [(3, 3, 64), (4, 2, 64), (32, 8, 128), (12, 2, 128), (14, 2, 64), (8, 1, 128)])
 def test_score_tensor_core_estimate_equals_nibble_table(hq, hkv, d, fresh_seed):
     # both sum the same integers <b, q_u> and apply the same float formula: the same stored logits,
     # maxima and bin counts, bit for bit (poisoned outputs: every element is written by both)
-    lens = [3000, 517, 130]
-    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
-    nc = 5
-    plan = _plan(batch, nc, 16, 16)
-    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
-    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
-    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
-    out = []
-    for mma in (True, False):
-        stats = ChunkStats(len(lens) * hq * nc, DEVICE)
-        stats.max.fill_(float("nan"))
-        stats.count.fill_(-7)
-        stored = torch.full(((sum(lens) + len(lens) * nc * CHUNK_ALIGN) * hq,), float("nan"), dtype=torch.float16,
-                            device=DEVICE)
-        score_chunks(qtable, qscal, batch.codes, batch.factor, batch.req_to_token, plan, stored, stats, d**-0.5, hkv, nc,
-                     mma=mma)
-        out.append((stored, stats))
-    (s_mma, st_mma), (s_tab, st_tab) = out
-    assert torch.equal(s_mma.isnan(), s_tab.isnan()) and not s_mma.isnan().all()
-    assert torch.equal(s_mma.nan_to_num(), s_tab.nan_to_num())
-    assert torch.equal(st_mma.max, st_tab.max) and torch.equal(st_mma.top, st_tab.top)
-    assert torch.equal(st_mma.count, st_tab.count)
+    batch = make_batch([3000, 517, 130], hq, hkv, d, DEVICE, seed=fresh_seed)
+    variants = [(batch.codes, batch.factor, dict(mma=mma)) for mma in (True, False)]
+    _assert_same_scores(*_scores(batch, hq, hkv, d, 5, variants))
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 128), (14, 2, 64)])
 def test_score_reads_codes_and_factors_through_their_strides(hq, hkv, d, fresh_seed):
     # the same codes and factors stored kv-head-major (each kv-head's slots contiguous) score the same
-    lens = [3000, 517] if ON_GPU else [600, 130]
-    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
-    nc = 3
-    plan = _plan(batch, nc, 16, 16)
-    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
-    qtable = query_nibble_table(q_u, hq // hkv).to(DEVICE)
-    qscal = torch.stack([delta, qmin, q_u.float().sum(-1)], -1).contiguous().to(DEVICE)
+    batch = make_batch([3000, 517] if ON_GPU else [600, 130], hq, hkv, d, DEVICE, seed=fresh_seed)
     codes_kv = batch.codes.permute(1, 0, 2).contiguous().permute(1, 0, 2)
     factor_kv = batch.factor.t().contiguous().t()
     assert factor_kv.stride(1) != 1 and codes_kv.stride(1) != batch.codes.stride(1)
-    out = []
-    for codes, factor in ((batch.codes, batch.factor), (codes_kv, factor_kv)):
-        stats = ChunkStats(len(lens) * hq * nc, DEVICE)
-        stats.count.fill_(-7)
-        stored = torch.full(((sum(lens) + len(lens) * nc * CHUNK_ALIGN) * hq,), float("nan"), dtype=torch.float16,
-                            device=DEVICE)
-        score_chunks(qtable, qscal, codes, factor, batch.req_to_token, plan, stored, stats, d**-0.5, hkv, nc)
-        out.append((stored, stats))
-    (s_a, st_a), (s_b, st_b) = out
-    assert not s_a.isnan().all() and torch.equal(s_a.nan_to_num(), s_b.nan_to_num())
-    assert torch.equal(s_a.isnan(), s_b.isnan())
-    assert torch.equal(st_a.max, st_b.max) and torch.equal(st_a.count, st_b.count)
+    _assert_same_scores(*_scores(batch, hq, hkv, d, 3, [(batch.codes, batch.factor, {}), (codes_kv, factor_kv, {})]))
 
 
 @triton.jit
