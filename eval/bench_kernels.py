@@ -120,23 +120,21 @@ def _meta(bw):
 
 def breakdown(args, bw):
     rows = []
-    for shape in args.shapes:
+    for shape, ctx, bs, pps in itertools.product(args.shapes, args.contexts or (32768, 131072), args.batches or (1, 32),
+                                                 args.programs_per_sm):
         hq, hkv, d = SHAPES[shape]
-        for ctx in args.contexts or (32768, 131072):
-            for bs in args.batches or (1, 32):
-                for pps in args.programs_per_sm:
-                    decode.PROGRAMS_PER_SM = pps  # read when the workspace picks its chunk count
-                    s = Setup(hq, hkv, d, ctx, bs)
-                    s.plant(0.10)
-                    step = s.ours(args.top_p)
-                    row = dict(shape=shape, context=ctx, batch=bs, programs_per_sm=pps, step_us=graph_time(step),
-                               num_chunks=s.ws.num_chunks(bs), budget=s.budget())
-                    row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()
-                                if not args.stages or name in args.stages})
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-                    del s
-                    torch.cuda.empty_cache()
+        decode.PROGRAMS_PER_SM = pps  # read when the workspace picks its chunk count
+        s = Setup(hq, hkv, d, ctx, bs)
+        s.plant(0.10)
+        step = s.ours(args.top_p)
+        row = dict(shape=shape, context=ctx, batch=bs, programs_per_sm=pps, step_us=graph_time(step),
+                   num_chunks=s.ws.num_chunks(bs), budget=s.budget())
+        row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()
+                    if not args.stages or name in args.stages})
+        rows.append(row)
+        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        del s
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -96,6 +96,18 @@ def ballot_histogram(device: torch.device) -> bool:
     return _compiled_sm80(BALLOT, device)
 
 
+@triton.jit
+def bin_below(lg, top, BIN_W: tl.constexpr):
+    """The bin of each stored logit ``lg``, counted down from bin ``top`` (0 = the top bin)."""
+    return top - tl.floor(lg.to(tl.float32) / BIN_W).to(tl.int32)
+
+
+@triton.jit
+def bin_counts(k, valid, NB: tl.constexpr):
+    """``[NB]`` counts of the valid bins ``k`` in ``[0, NB)`` (``tl.histogram``)."""
+    return tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))
+
+
 @triton.jit(do_not_specialize=["NC"])  # per-batch sizes: one compile (package doc)
 def _score_kernel(
     table_ptr, qscal_ptr, codes_ptr, factor_ptr, r2t_ptr, plan_ptr, logit_ptr,
@@ -167,8 +179,8 @@ def _score_kernel(
                                            cache_modifier=".cg"),)
             for g in tl.static_range(GROUP):
                 top_g = tl.sum(tl.where(offs_g == g, top, 0), axis=0)
-                k = top_g - tl.floor(blocks[g].to(tl.float32) / BIN_W).to(tl.int32)  # bin counted down from the top
-                count = tl.where(offs_g[:, None] == g, count + tl.histogram(k, NB, mask=valid & (k >= 0) & (k < NB))[None, :], count)
+                k = bin_below(blocks[g], top_g, BIN_W)
+                count = tl.where(offs_g[:, None] == g, count + bin_counts(k, valid, NB)[None, :], count)
     else:  # one head at a time; each block's logits load while the block before is counted (the
         # next block of the head or the first of the next head), so the walk waits on memory once
         nblk = tl.cdiv(end - start, HBLOCK)
@@ -192,14 +204,14 @@ def _score_kernel(
                 nend = tl.where(last & (g + 1 == GROUP), start, end)
                 lg = tl.load(logit_ptr + tl.multiple_of(nrow + nstart, VEC) + offs_h, mask=lead < nend - nstart,
                              other=0.0, cache_modifier=".cg")
-                k = top_g - tl.floor(this.to(tl.float32) / BIN_W).to(tl.int32)
+                k = bin_below(this, top_g, BIN_W)
                 pos = start + j * HBLOCK + offs_h
                 if BALLOT_HIST:
                     part, seen = ballot_counts(tl.where(pos < end, k, -1), *key_bits)
                     by_key += part
                     keys_ok &= seen
                 else:
-                    count_g += tl.histogram(k, NB, mask=(pos < end) & (k >= 0) & (k < NB))
+                    count_g += bin_counts(k, pos < end, NB)
             if BALLOT_HIST:
                 tl.static_assert(NB == 64, "the ballot histogram counts 64 bins")
                 count_g = counts_by_key(by_key, HBLOCK, VEC)
@@ -207,9 +219,8 @@ def _score_kernel(
                     count_g = tl.zeros((NB,), tl.int32)
                     for n0 in range(start, end, HBLOCK):
                         pos = n0 + offs_h
-                        k = top_g - tl.floor(tl.load(logit_ptr + row_g + pos, mask=pos < end, other=0.0).to(tl.float32)
-                                             / BIN_W).to(tl.int32)
-                        count_g += tl.histogram(k, NB, mask=(pos < end) & (k >= 0) & (k < NB))
+                        k = bin_below(tl.load(logit_ptr + row_g + pos, mask=pos < end, other=0.0), top_g, BIN_W)
+                        count_g += bin_counts(k, pos < end, NB)
             count = tl.where(offs_g[:, None] == g, count_g[None, :], count)
     tl.store(ccount_ptr + (qrows[:, None] * NC + c) * NB + offs_j[None, :], count, mask=gmask[:, None] & (end > start))
 
