@@ -59,6 +59,8 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
                                               ws.stats, sm, s.hkv, nc, **kw)
     out["score"] = score()  # as the decode step launches it
     out["score_hist_shared"] = score(ballot=False)  # the histograms by tl.histogram (shared memory)
+    for r in (64, 80, 96):  # register caps: more programs per SM
+        out[f"score_r{r}"] = score(max_registers=r)
     for w in warps:
         out[f"score_w{w}"] = score(num_warps=w)
         if w < 8 and mma_estimate(s.q.device):  # the nibble table, and the tensor cores at 2-8 tiles a round
@@ -127,7 +129,7 @@ def breakdown(args, bw):
         s = Setup(hq, hkv, d, ctx, bs)
         s.plant(0.10)
         step = s.ours(args.top_p)
-        row = dict(shape=shape, context=ctx, batch=bs, programs_per_sm=pps, step_us=graph_time(step),
+        row = dict(shape=shape, context=ctx, batch=bs, programs_per_sm=decode.programs_per_sm(bs, hkv), step_us=graph_time(step),
                    num_chunks=s.ws.num_chunks(bs), budget=s.budget())
         row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()
                     if not args.stages or name in args.stages})
@@ -148,7 +150,7 @@ def main():
     ap.add_argument("--breakdown", action="store_true", help="time each launch of the step (see above)")
     ap.add_argument("--programs-per-sm", type=csv_list(int),
                     help="each of these targets of programs per SM, i.e. chunks per request and kv-head "
-                         "(default: the package's)")
+                         "(default: the package's rule, decode.programs_per_sm)")
     ap.add_argument("--stages", type=csv_list(), help="--breakdown: time only these launches (default: all)")
     ap.add_argument("--out", default="eval/results/kernels.json")
     args = ap.parse_args()
@@ -198,7 +200,7 @@ def main():
             score_bytes = code_bytes + logit_bytes
             our_bytes = score_bytes + logit_bytes + kept * 2 * d * 2
             row = dict(shape=shape, q_heads=hq, kv_heads=hkv, head_dim=d, context=ctx, batch=bs,
-                       programs_per_sm=pps, num_chunks=s.ws.num_chunks(bs), target_budget=budget,
+                       programs_per_sm=decode.programs_per_sm(bs, hkv), num_chunks=s.ws.num_chunks(bs), target_budget=budget,
                        budget=real_budget, top_p=args.top_p,
                        flashinfer_us=dense.get("flashinfer"), triton_us=dense.get("triton"),
                        dense_us=dense_us, rabitq_us=t, rabitq_graph_us=t_graph,

@@ -60,11 +60,11 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
                       BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS,
-                      AHEAD=SLOTS_AHEAD, BALLOT_HIST=True)
+                      AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True)
         return _score_kernel, consts
     if name == "attention":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
-                      DOT_F32=False)
+                      DOT_F32=False, OFFS32=True)
         return _sparse_attention_kernel, consts
     if name == "encode":
         return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)

@@ -27,18 +27,32 @@ CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
 # the sparse path's per-token workspace holds this many tokens per KV-pool slot: room for requests
 # that share prefixes (their contexts count once per request); beyond it, requests attend densely
 WORKSPACE_TOKENS_PER_SLOT = 2
-# many short programs hide the latency of the gathers (slot -> code -> K/V) better than few long ones
-PROGRAMS_PER_SM = 16
+# a fixed target of programs per SM for every batch (bench_kernels.py --programs-per-sm); None: the
+# rule of programs_per_sm
+PROGRAMS_PER_SM: int | None = None
+LARGE_BATCH_PAIRS = 256  # (request, kv-head) pairs of a batch bucket from which programs_per_sm doubles
+
+
+def programs_per_sm(bsz: int, num_kv_heads: int) -> int:
+    """Programs per SM the chunks aim at. Many short programs hide the latency of the gathers (slot ->
+    code -> K/V) better than few long ones: 16. From ``LARGE_BATCH_PAIRS`` (request, kv-head) pairs on,
+    where each chunk would still hold thousands of tokens, 32: on the Llama-3.1-8B shape at batch 32 the
+    step took 442 / 782 / 1514 us at 32K / 64K / 128K against 450 / 827 / 1628 at 16 (H100,
+    kernels_breakdown-regs-chunks-h100.md), while at batches 4-8 (32-64 pairs) 32 was as fast or slower
+    (32K batch 4: 121 vs 90 us), as on the Qwen2.5 shapes (2 kv-heads) at batch 16 (chunk_sweep-kv-major-h100.md)."""
+    if PROGRAMS_PER_SM is not None:
+        return PROGRAMS_PER_SM
+    return 32 if triton.next_power_of_2(bsz) * num_kv_heads >= LARGE_BATCH_PAIRS else 16
 
 
 def chunks_for_batch(bsz: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Chunks per (request, kv-head): enough programs to fill the GPU, none shorter than 2 blocks.
+    """Chunks per (request, kv-head): ``programs_per_sm`` programs per SM, none shorter than 2 blocks.
 
     A function of the batch size's power-of-two bucket: a CUDA graph replays a batch padded up
     to a captured size (SGLang captures every power of two), and the same chunks, hence the same
     floating-point sums, give the same output with graphs on and off.
     """
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, triton.next_power_of_2(bsz) * num_kv_heads)
+    want = triton.cdiv(programs_per_sm(bsz, num_kv_heads) * num_sms, triton.next_power_of_2(bsz) * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context, 2 * CHUNK_ALIGN)))
 
 

@@ -48,19 +48,37 @@ def _add_nibble_sums(lo, hi, cw, table, w, half):
 
 
 @triton.jit
+def slot_offsets(slots, OFFS32: tl.constexpr):
+    """Slots as the code and factor addresses are computed from them: in 32 bits where the launcher
+    found every offset of a kv-head's buffer below 2**31 (``offsets_fit_32``), else 64. A 64-bit
+    address costs ~7 instructions (sign extension, wide multiply-adds, carry) where 32 bits cost 3:
+    a third of the tensor-core estimate's loop was such arithmetic."""
+    if OFFS32:
+        return slots.to(tl.int32)
+    else:
+        return slots.to(tl.int64)
+
+
+def offsets_fit_32(*buffers) -> bool:
+    """Whether every element offset of these buffers fits a signed 32-bit integer."""
+    return all(t.numel() < 2**31 for t in buffers)
+
+
+@triton.jit
 def block_logits(
-    codes_ptr, factor_ptr, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
+    codes_ptr, factor_ptr, slots, valid, stride_cn, stride_fn,
     table, offs_g, a, b, c,
     D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
 ):
     """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``:
     ``g * (a <b, q_u> + b popcount(b) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``.
 
-    ``factor_ptr``: the kv-head's factors (``factor[:, hkv]``). ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
+    ``codes_ptr``, ``factor_ptr``: the kv-head's codes and factors (``codes[:, hkv]``, ``factor[:, hkv]``);
+    ``slots``: as ``slot_offsets`` gives them. ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
     int64 (up to 4 or 8 heads: one load per nibble). ``offs_g = arange(GP)``. Invalid tokens get -inf.
     """
     WORDS: tl.constexpr = D // 32
-    code = codes_ptr + slots * stride_cn + hkv * stride_ch
+    code = codes_ptr + slots * stride_cn
     ones = tl.zeros((BLOCK_N,), tl.int32)
     lo = tl.zeros((BLOCK_N,), table.dtype.element_ty)
     hi = tl.zeros((BLOCK_N,), table.dtype.element_ty)

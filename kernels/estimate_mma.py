@@ -23,7 +23,7 @@ nibble table (``MMA`` is False there).
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import INTERPRETED, logit_constants, logit_rows, popcount
+from sglang_rabitq.kernels.estimate import INTERPRETED, logit_constants, popcount, slot_offsets
 
 MMA = not INTERPRETED
 MMA_TOKENS = tl.constexpr(16)  # tokens (rows) of one warp's tile
@@ -97,46 +97,54 @@ def row_popcount(a0, a1, odd):
 
 
 @triton.jit
-def _round_slots(r2t_row, n0, row_a, end, W: tl.constexpr, R: tl.constexpr):
+def _round_slots(r2t_row, n0, row_a, end, W: tl.constexpr, R: tl.constexpr, OFFS32: tl.constexpr):
     """Per tile of the round at ``n0``: (the lane's row position, the slots of rows ``groupID`` and
     ``groupID + 8``); 0 past ``end``."""
     tiles = ()
     for r in tl.static_range(R):
         pos_a = n0 + r * MMA_TOKENS * W + row_a
-        slot_a = tl.load(r2t_row + pos_a, mask=pos_a < end, other=0).to(tl.int64)
-        slot_b = tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0).to(tl.int64)
+        slot_a = slot_offsets(tl.load(r2t_row + pos_a, mask=pos_a < end, other=0), OFFS32)
+        slot_b = slot_offsets(tl.load(r2t_row + pos_a + 8, mask=pos_a + 8 < end, other=0), OFFS32)
         tiles = tiles + ((pos_a, slot_a, slot_b),)
     return tiles
 
 
 @triton.jit
-def _round_words(codes_ptr, factor_ptr, tiles, end, hkv, stride_cn, stride_ch, stride_fn, tig, odd, in_d,
+def _round_words(codes_ptr, factor_ptr, tiles, stride_cn, stride_fn, tig, odd, in_d, D: tl.constexpr,
                  R: tl.constexpr):
-    """Per tile: the A words (``tig`` of both rows), the factor and position of the lane's own token."""
+    """Per tile: the A words (``tig`` of both rows), the factor and position of the lane's own token.
+    Unmasked: a row past the chunk's end has slot 0 (its slot load was masked), a slot of the pool, and
+    its estimate is never stored; only the padding words of a row shorter than 128 bits must be 0."""
     words = ()
     for r in tl.static_range(R):
         pos_a, slot_a, slot_b = tiles[r]
-        a0 = tl.load(codes_ptr + slot_a * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a < end), other=0)
-        a1 = tl.load(codes_ptr + slot_b * stride_cn + hkv * stride_ch + tig, mask=in_d & (pos_a + 8 < end), other=0)
+        if D >= 128:
+            a0 = tl.load(codes_ptr + slot_a * stride_cn + tig)
+            a1 = tl.load(codes_ptr + slot_b * stride_cn + tig)
+        else:
+            a0 = tl.load(codes_ptr + slot_a * stride_cn + tig, mask=in_d, other=0)
+            a1 = tl.load(codes_ptr + slot_b * stride_cn + tig, mask=in_d, other=0)
         pos = pos_a + 8 * odd  # the lane's own token
-        gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn, mask=pos < end, other=0.0)
+        gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn)
         words = words + ((a0, a1, gf, pos),)
     return words
 
 
 @triton.jit
 def mma_chunk_logits(
-    codes_ptr, factor_ptr, r2t_row, logit_ptr, qscal_ptr, plan_ptr, table, start, end, b, hkv, HQ, NC,
-    stride_cn, stride_ch, stride_fn, sm_scale,
+    codes_ptr, factor_ptr, r2t_row, logit_base, head_row, qscal_ptr, table, start, end, b, hkv, HQ,
+    stride_cn, stride_fn, sm_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    AHEAD: tl.constexpr, PLAN_FIELDS: tl.constexpr,
+    AHEAD: tl.constexpr, OFFS32: tl.constexpr,
 ):
     """Estimated logits of a chunk ``[start, end)`` of request ``b``'s scored region for every query
     head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head
     ``[GP]`` (-inf where none).
 
-    ``r2t_row``: the request's ``req_to_token`` row; ``factor_ptr``: the kv-head's factors
-    (``factor[:, hkv]``); ``table``: its kv-head's nibble-table entries.
+    ``r2t_row``: the request's ``req_to_token`` row; ``codes_ptr``, ``factor_ptr``: the kv-head's codes
+    and factors (``codes[:, hkv]``, ``factor[:, hkv]``); ``logit_base``: where the group's first head's
+    logit of position 0 goes (``logit_rows``), each further head ``head_row`` logits on; ``table``: its
+    kv-head's nibble-table entries. ``OFFS32``: ``slot_offsets``.
     The logit is ``g * (a <b, q_u> + b popcount(b) + c)`` as in ``estimate.block_logits``.
     ``AHEAD``: the next round's slots load beside this round's code words (software pipelining of
     the gather slot -> code word), else each round waits on both in turn."""
@@ -157,19 +165,18 @@ def mma_chunk_logits(
     for t in tl.static_range(NT):
         head = 2 * t + tig // 2
         ka, kb, kc = logit_constants(qscal_ptr, b * HQ + hkv * GROUP + head, head < GROUP, sm_scale, D)
-        consts = consts + ((ka, kb, kc, logit_rows(plan_ptr, b, hkv * GROUP + head, HQ, NC, PLAN_FIELDS)),)
+        consts = consts + ((ka, kb, kc, head * head_row),)
         maxes = maxes + (tl.full((32 * W,), float("-inf"), tl.float32),)
     if AHEAD:
-        tiles = _round_slots(r2t_row, start, row_a, end, W, R)
+        tiles = _round_slots(r2t_row, start, row_a, end, W, R, OFFS32)
     # all of a round's loads go out before its first MMA
     for n0 in range(start, end, STEP):
         if AHEAD:  # this round's slots came with the round before; the next round's load beside its code words
-            this = _round_words(codes_ptr, factor_ptr, tiles, end, hkv, stride_cn, stride_ch, stride_fn, tig, odd,
-                                in_d, R)
-            tiles = _round_slots(r2t_row, n0 + STEP, row_a, end, W, R)
+            this = _round_words(codes_ptr, factor_ptr, tiles, stride_cn, stride_fn, tig, odd, in_d, D, R)
+            tiles = _round_slots(r2t_row, n0 + STEP, row_a, end, W, R, OFFS32)
         else:  # two memory round trips a round: its slots, then its code words
-            this = _round_words(codes_ptr, factor_ptr, _round_slots(r2t_row, n0, row_a, end, W, R), end, hkv,
-                                stride_cn, stride_ch, stride_fn, tig, odd, in_d, R)
+            this = _round_words(codes_ptr, factor_ptr, _round_slots(r2t_row, n0, row_a, end, W, R, OFFS32),
+                                stride_cn, stride_fn, tig, odd, in_d, D, R)
         for r in tl.static_range(R):
             a0, a1, gf, pos = this[r]
             valid = pos < end
@@ -180,7 +187,7 @@ def mma_chunk_logits(
                 dot = mma_dot(a0, a1, frags[t], odd)
                 lg = tl.where(valid, gf * (ka * dot.to(tl.float32) + (kb * ones + kc)), float("-inf")).to(tl.float16)
                 head = 2 * t + tig // 2
-                tl.store(logit_ptr + row + pos, lg, mask=valid & (head < GROUP))
+                tl.store(logit_base + (row + pos), lg, mask=valid & (head < GROUP))
                 new_maxes = new_maxes + (tl.maximum(maxes[t], lg.to(tl.float32)),)
             maxes = new_maxes
     offs_g = tl.arange(0, GP)

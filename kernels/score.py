@@ -28,6 +28,8 @@ from sglang_rabitq.kernels.estimate import (
     group_pad,
     logit_constants,
     logit_rows,
+    offsets_fit_32,
+    slot_offsets,
     table_entries,
     table_words,
 )
@@ -50,7 +52,13 @@ def score_max_registers(group: int) -> int:
     H200: 0.7 eligible warps per scheduler, issue slots 44 % busy). At 128 nothing spills up to 7
     heads a group; 8 heads spill at 128 (36-108 B) and not at 160. Decode step 1.00-1.20x on the four
     shapes measured, none slower (ab_step-score-maxnreg.md, H100); a cap of 96 was mixed. (Measured with
-    the bit-plane estimate; the nibble-table estimate compiles to 143 registers uncapped at 4 x 128.)"""
+    the bit-plane estimate; the nibble-table estimate compiles to 143 registers uncapped at 4 x 128.)
+    Groups of up to 4 heads, whose ballot histograms took the program to 114 registers (8 programs of 2
+    warps per SM), get 96 (10 programs), no spills at groups 1-4, D 64 and 128: score launch 178 -> 167 us
+    at 32K and 672 -> 614 at 128K on the Llama-3.1-8B shape at batch 32, equal at batches 4-8 (H100,
+    kernels_breakdown-regs-chunks-h100.md); caps of 80 and 64 no better."""
+    if group <= 4:
+        return 96
     return 128 if group <= 7 else 160
 
 
@@ -116,6 +124,7 @@ def _score_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
     NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
     MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr, AHEAD: tl.constexpr, BALLOT_HIST: tl.constexpr,
+    OFFS32: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -128,10 +137,14 @@ def _score_kernel(
     rpi = tl.load(plan_ptr + b * PLAN_FIELDS + 0).to(tl.int64)
     rows = logit_rows(plan_ptr, b, heads, HQ, NC, PLAN_FIELDS)
     table = table_entries(table_ptr, b, hkv, HQ // GROUP, D, WPE)
+    # this kv-head's codes and factors: the per-token offsets from here on are slot_offsets
+    codes_kv = codes_ptr + hkv.to(tl.int64) * stride_ch
+    factor_kv = factor_ptr + hkv.to(tl.int64) * stride_fh
     if MMA:
-        m = mma_chunk_logits(codes_ptr, factor_ptr + hkv * stride_fh, r2t_ptr + rpi * stride_r2t, logit_ptr, qscal_ptr, plan_ptr, table,
-                             start, end, b, hkv, HQ, NC, stride_cn, stride_ch, stride_fn, sm_scale,
-                             GROUP, GP, D, W, R, AHEAD, PLAN_FIELDS)
+        head_row = NC * tl.load(plan_ptr + b * PLAN_FIELDS + 3)  # logits of one head: NC chunks
+        logit_base = logit_ptr + logit_rows(plan_ptr, b, hkv * GROUP, HQ, NC, PLAN_FIELDS)
+        m = mma_chunk_logits(codes_kv, factor_kv, r2t_ptr + rpi * stride_r2t, logit_base, head_row, qscal_ptr, table,
+                             start, end, b, hkv, HQ, stride_cn, stride_fn, sm_scale, GROUP, GP, D, W, R, AHEAD, OFFS32)
     else:
         k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
         # running max per (head, column), reduced across columns once after the loop
@@ -143,11 +156,11 @@ def _score_kernel(
             pos = n0 + offs_n
             valid = pos < end
             if AHEAD:
-                slots = slots_next.to(tl.int64)
+                slots = slot_offsets(slots_next, OFFS32)
                 slots_next = tl.load(r2t_ptr + rpi * stride_r2t + pos + BLOCK_N, mask=pos + BLOCK_N < end, other=0)
             else:
-                slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-            lg = block_logits(codes_ptr, factor_ptr + hkv * stride_fh, slots, valid, hkv, stride_cn, stride_ch, stride_fn,
+                slots = slot_offsets(tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0), OFFS32)
+            lg = block_logits(codes_kv, factor_kv, slots, valid, stride_cn, stride_fn,
                               table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW)
             lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
             tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
@@ -230,6 +243,7 @@ def score_chunks(
     req_to_token: torch.Tensor, plan: torch.Tensor, logits: torch.Tensor, stats: "ChunkStats",
     sm_scale: float, num_kv_heads: int, num_chunks: int, num_warps: int | None = None, mma: bool | None = None,
     mma_rounds: int = MMA_ROUNDS, slots_ahead: bool = SLOTS_AHEAD, ballot: bool = True,
+    max_registers: int | None = None,
 ) -> None:
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
@@ -237,7 +251,7 @@ def score_chunks(
     D >= ``MMA_MIN_HEAD_DIM``; ``mma_rounds``: 16-token tiles per warp an iteration there;
     ``slots_ahead``: each block's slots load with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
     up to ``HEADS_AT_ONCE_FROM`` heads count their histograms by warp ballots (``kernels.histogram``)
-    where compiled, else with ``tl.histogram``."""
+    where compiled, else with ``tl.histogram``; ``max_registers``: default ``score_max_registers``."""
     bsz, hq = qscal.shape[:2]
     d = qtable.shape[2] * 4
     group = hq // num_kv_heads
@@ -257,7 +271,8 @@ def score_chunks(
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
         MMA=use_mma, W=warps, R=mma_rounds, AHEAD=slots_ahead,
-        BALLOT_HIST=ballot and ballot_histogram(codes.device), num_warps=warps, maxnreg=score_max_registers(group),
+        BALLOT_HIST=ballot and ballot_histogram(codes.device), OFFS32=offsets_fit_32(codes, factor), num_warps=warps,
+        maxnreg=max_registers or score_max_registers(group),
     )
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.estimate import INTERPRETED, chunk_bounds, group_pad, logit_rows
+from sglang_rabitq.kernels.estimate import INTERPRETED, chunk_bounds, group_pad, logit_rows, offsets_fit_32, slot_offsets
 
 # logits per inner block of the selection: the walk over every logit is a chain of memory round
 # trips per program, so few, wide blocks (512 vs 256: with the slots read beside the logits, step
@@ -23,12 +23,13 @@ SELECT_BLOCK_N = 512
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, slots, keep, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
+def _attend_block(q, k_ptr, v_ptr, slots, keep, stride_kn, stride_vn,
                   m_i, l_i, acc, sm_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
-    """Online-softmax update of ``(m, l, acc)`` with the kept tokens at ``slots``."""
+    """Online-softmax update of ``(m, l, acc)`` with the kept tokens at ``slots`` (``slot_offsets``) of
+    the kv-head's keys and values ``k_ptr``, ``v_ptr``."""
     offs_d = tl.arange(0, D)
-    k = tl.load(k_ptr + slots[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=keep[:, None], other=0.0)
-    vv = tl.load(v_ptr + slots[:, None] * stride_vn + hkv * stride_vh + offs_d[None, :], mask=keep[:, None], other=0.0)
+    k = tl.load(k_ptr + slots[:, None] * stride_kn + offs_d[None, :], mask=keep[:, None], other=0.0)
+    vv = tl.load(v_ptr + slots[:, None] * stride_vn + offs_d[None, :], mask=keep[:, None], other=0.0)
     if DOT_F32:
         k = k.to(tl.float32)
         vv = vv.to(tl.float32)
@@ -49,7 +50,7 @@ def _sparse_attention_kernel(
     po_ptr, plse_ptr, count_ptr,
     sm_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t, HQ, HKV, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SEL_N: tl.constexpr,
-    DENSE: tl.constexpr, PLAN_FIELDS: tl.constexpr, DOT_F32: tl.constexpr,
+    DENSE: tl.constexpr, PLAN_FIELDS: tl.constexpr, DOT_F32: tl.constexpr, OFFS32: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -68,6 +69,8 @@ def _sparse_attention_kernel(
     chunk_start, chunk_end = chunk_bounds(plan_ptr, b, c, PLAN_FIELDS)
     chunk_end = tl.where(is_chunk, chunk_end, chunk_start)  # the last program selects nothing
 
+    k_ptr += hkv.to(tl.int64) * stride_kh  # this kv-head's keys and values: per-token offsets from here on
+    v_ptr += hkv.to(tl.int64) * stride_vh
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
@@ -101,18 +104,17 @@ def _sparse_attention_kernel(
     for i0 in range(chunk_start, n, BLOCK_N):
         i = i0 + tl.arange(0, BLOCK_N)
         ok = i < n
-        slots = tl.load(index + i, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, ok, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
-                                      m_i, l_i, acc, sm_scale, D, DOT_F32)
+        slots = slot_offsets(tl.load(index + i, mask=ok, other=0, cache_modifier=".cg"), OFFS32)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, ok, stride_kn, stride_vn, m_i, l_i, acc, sm_scale, D, DOT_F32)
     # 3. the last program: the sink, then (jumping over the scored region) the window
     hi_v = tl.where(is_chunk, 0, sink_end + length - score_end)
     for v0 in range(0, hi_v, BLOCK_N):
         v = v0 + tl.arange(0, BLOCK_N)
         valid = v < hi_v
         pos = v + tl.where(v >= sink_end, score_end - sink_end, 0)
-        slots = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0).to(tl.int64)
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, valid, hkv, stride_kn, stride_kh, stride_vn, stride_vh,
-                                      m_i, l_i, acc, sm_scale, D, DOT_F32)
+        slots = slot_offsets(tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0), OFFS32)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slots, valid, stride_kn, stride_vn, m_i, l_i, acc, sm_scale, D,
+                                      DOT_F32)
     part = (b * HQ + heads) * (NC + 1) + c
     has = l_i > 0
     tl.store(po_ptr + part[:, None] * D + offs_d[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=gmask[:, None])
@@ -166,7 +168,8 @@ def sparse_attention(
         req_to_token.stride(0), hq, hkv, num_chunks,
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n, SEL_N=SELECT_BLOCK_N,
         # Triton's interpreter multiplies bf16 tiles as raw integers: its dots run in fp32
-        DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, num_warps=num_warps,
+        DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, OFFS32=offsets_fit_32(k_buf, v_buf),
+        num_warps=num_warps,
     )
 
 

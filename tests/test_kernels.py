@@ -20,10 +20,12 @@ from sglang_rabitq.kernels import (
     rabitq_decode_layer,
 )
 from sglang_rabitq.kernels.estimate import table_words
+import sglang_rabitq.kernels.decode as decode
+import sglang_rabitq.kernels.score as score_module
 from sglang_rabitq.kernels.score import ChunkStats, mma_estimate, score_chunks
 from sglang_rabitq.kernels.select import bins_between, cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
-from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan
+from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan, chunks_for_batch
 from sglang_rabitq.reference.decode import dense_region_lse
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 from sglang_rabitq.reference import (
@@ -343,6 +345,29 @@ def test_score_reads_codes_and_factors_through_their_strides(hq, hkv, d, fresh_s
     factor_kv = batch.factor.t().contiguous().t()
     assert factor_kv.stride(1) != 1 and codes_kv.stride(1) != batch.codes.stride(1)
     _assert_same_scores(*_scores(batch, hq, hkv, d, 3, [(batch.codes, batch.factor, {}), (codes_kv, factor_kv, {})]))
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 128), (14, 2, 64)])
+def test_score_with_64_bit_offsets_equals_32_bit(hq, hkv, d, fresh_seed, monkeypatch):
+    # a pool past 2**31 code words is addressed with 64-bit offsets: the same logits, maxima and counts
+    batch = make_batch([3000, 517] if ON_GPU else [600, 130], hq, hkv, d, DEVICE, seed=fresh_seed)
+    variants = [(batch.codes, batch.factor, {})]
+    narrow = _scores(batch, hq, hkv, d, 3, variants)[0]
+    monkeypatch.setattr(score_module, "offsets_fit_32", lambda *buffers: False)
+    _assert_same_scores(narrow, _scores(batch, hq, hkv, d, 3, variants)[0])
+
+
+def test_chunks_double_from_large_batch_buckets(monkeypatch):
+    # 16 programs per SM, 32 from LARGE_BATCH_PAIRS (request, kv-head) pairs in a batch's power-of-two
+    # bucket; the same count across a bucket (CUDA graphs replay a batch padded to its bucket)
+    sms, ctx = 132, 131072
+    assert chunks_for_batch(8, 8, ctx, sms) == triton.cdiv(16 * sms, 64)
+    assert chunks_for_batch(32, 8, ctx, sms) == triton.cdiv(32 * sms, 256)
+    assert chunks_for_batch(17, 8, ctx, sms) == chunks_for_batch(32, 8, ctx, sms)
+    assert chunks_for_batch(16, 2, ctx, sms) == triton.cdiv(16 * sms, 32)
+    assert chunks_for_batch(32, 8, 1024, sms) == 4  # none shorter than 2 blocks
+    monkeypatch.setattr(decode, "PROGRAMS_PER_SM", 8)  # a fixed target overrides the rule (--programs-per-sm)
+    assert chunks_for_batch(32, 8, ctx, sms) == triton.cdiv(8 * sms, 256)
 
 
 @triton.jit
