@@ -60,8 +60,9 @@ def slot_offsets(slots, OFFS32: tl.constexpr):
 
 
 def offsets_fit_32(*buffers) -> bool:
-    """Whether every element offset of these buffers fits a signed 32-bit integer."""
-    return all(t.numel() < 2**31 for t in buffers)
+    """Whether every element offset of these buffers, and one past the last, fits a signed 32-bit
+    integer. The span is taken through the strides: a view with gaps reaches beyond its element count."""
+    return all(1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) < 2**31 for t in buffers)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from sglang_rabitq.kernels import (
     prepare_query,
     rabitq_decode_layer,
 )
-from sglang_rabitq.kernels.estimate import table_words
+from sglang_rabitq.kernels.estimate import offsets_fit_32, table_words
 import sglang_rabitq.kernels.decode as decode
 import sglang_rabitq.kernels.score as score_module
 from sglang_rabitq.kernels.score import ChunkStats, mma_estimate, score_chunks
@@ -355,6 +355,15 @@ def test_score_with_64_bit_offsets_equals_32_bit(hq, hkv, d, fresh_seed, monkeyp
     narrow = _scores(batch, hq, hkv, d, 3, variants)[0]
     monkeypatch.setattr(score_module, "offsets_fit_32", lambda *buffers: False)
     _assert_same_scores(narrow, _scores(batch, hq, hkv, d, 3, variants)[0])
+
+
+def test_offsets_fit_32_bounds_the_largest_offset_not_the_element_count():
+    # meta tensors: the shapes and strides of large pools, no memory
+    fits = torch.empty(2**31 - 1, device="meta")
+    assert offsets_fit_32(fits, fits[::2]) and not offsets_fit_32(torch.empty(2**31, device="meta"))
+    # one kv-head's rows of a wide K buffer: 2**23 + 128 elements, the last at offset 2**31 + 127
+    rows = torch.empty_strided((2**16 + 1, 128), (2**15, 1), device="meta")
+    assert rows.numel() < 2**31 and not offsets_fit_32(rows)
 
 
 def test_chunks_double_from_large_batch_buckets(monkeypatch):
