@@ -33,7 +33,6 @@ from eval.decode_step import SHAPES, Setup, bench, graph_time  # noqa: E402
 from eval.server import csv_list  # noqa: E402
 from sglang_rabitq.kernels import prepare_query  # noqa: E402
 import sglang_rabitq.kernels.decode as decode  # noqa: E402
-from sglang_rabitq.kernels.decode import BLOCK_N  # noqa: E402
 from sglang_rabitq.kernels.score import mma_estimate, score_chunks  # noqa: E402
 from sglang_rabitq.kernels.select import top_p_threshold  # noqa: E402
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention  # noqa: E402
@@ -69,10 +68,13 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
                 for a in (0, 1):  # the next round's slots loaded ahead or not
                     out[f"score_mma_w{w}_r{r}_a{a}"] = score(num_warps=w, mma=True, mma_rounds=r, slots_ahead=bool(a))
     out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
+    out["attention"] = lambda: sparse_attention(  # as the decode step launches it
+        s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out, ws.partial_lse, ws.kept, sm, nc, False,
+        **(decode.ATTENTION_LAUNCH or {}))
     for w in warps:
         out[f"attention_w{w}"] = lambda w=w: sparse_attention(
             s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out,
-            ws.partial_lse, ws.kept, sm, nc, False, BLOCK_N, num_warps=w)
+            ws.partial_lse, ws.kept, sm, nc, False, num_warps=w)
     out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, s.out, nc + 1)
     return out
 
@@ -120,6 +122,12 @@ def _meta(bw):
     return meta
 
 
+def attention_config(text: str) -> dict:
+    """``--attention-configs`` entry ``BLOCK_N/WARPS/STAGES/REGS`` (REGS 0: uncapped)."""
+    bn, w, st, r = (int(x) for x in text.split("/"))
+    return dict(block_n=bn, num_warps=w, num_stages=st, max_registers=r or None)
+
+
 def breakdown(args, bw):
     rows = []
     for shape, ctx, bs, pps in itertools.product(args.shapes, args.contexts or (32768, 131072), args.batches or (1, 32),
@@ -133,6 +141,12 @@ def breakdown(args, bw):
                    num_chunks=s.ws.num_chunks(bs), budget=s.budget())
         row.update({name: graph_time(fn) for name, fn in stages(s, args.top_p).items()
                     if not args.stages or name in args.stages})
+        for text in args.attention_configs or ():  # the whole step and the attention launch at each
+            decode.ATTENTION_LAUNCH = attention_config(text)
+            name = text.replace("/", "_")
+            row[f"step_{name}"] = graph_time(s.ours(args.top_p))
+            row[f"attention_{name}"] = graph_time(stages(s, args.top_p, warps=())["attention"])
+        decode.ATTENTION_LAUNCH = None
         rows.append(row)
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         del s
@@ -152,6 +166,9 @@ def main():
                     help="each of these targets of programs per SM, i.e. chunks per request and kv-head "
                          "(default: the package's rule, decode.programs_per_sm)")
     ap.add_argument("--stages", type=csv_list(), help="--breakdown: time only these launches (default: all)")
+    ap.add_argument("--attention-configs", type=csv_list(),
+                    help="--breakdown: also the step and the attention launch with each of these launch "
+                         "configurations of the attention, BLOCK_N/WARPS/STAGES/REGS (REGS 0: uncapped), e.g. 32/4/3/64")
     ap.add_argument("--out", default="eval/results/kernels.json")
     args = ap.parse_args()
     bw = copy_bandwidth()

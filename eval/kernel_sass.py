@@ -39,7 +39,8 @@ from sglang_rabitq.kernels.estimate import table_words
 from sglang_rabitq.kernels.estimate_mma import MMA_ROUNDS
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, SCORE_BLOCK_N, SLOTS_AHEAD, _score_kernel, score_max_registers
 from sglang_rabitq.kernels.select import _threshold_kernel, threshold_constexprs
-from sglang_rabitq.kernels.sparse_attention import SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, merge_constexprs
+from sglang_rabitq.kernels.sparse_attention import (
+    SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, attention_launch, merge_constexprs)
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
 KERNELS = ("score", "attention", "encode", "encode_layers", "query", "threshold", "merge", "plan")
@@ -63,8 +64,9 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
                       AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True)
         return _score_kernel, consts
     if name == "attention":
-        consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=64, SEL_N=SELECT_BLOCK_N, DENSE=False, PLAN_FIELDS=6,
-                      DOT_F32=False, OFFS32=True)
+        launch = attention_launch(group, head_dim)
+        consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=launch["block_n"], SEL_N=SELECT_BLOCK_N, DENSE=False,
+                      PLAN_FIELDS=6, DOT_F32=False, OFFS32=True)
         return _sparse_attention_kernel, consts
     if name == "encode":
         return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)

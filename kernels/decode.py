@@ -22,7 +22,6 @@ from sglang_rabitq.reference.plan import plan_rows
 from sglang_rabitq.reference.select import HIST_BINS, LOGIT_STORAGE_DTYPE
 from sglang_rabitq.validation import check_choice
 
-BLOCK_N = 64  # tokens per inner block of the attention kernel
 CHUNK_ALIGN = SCORE_BLOCK_N  # chunk lengths are whole blocks of both kernels
 # the sparse path's per-token workspace holds this many tokens per KV-pool slot: room for requests
 # that share prefixes (their contexts count once per request); beyond it, requests attend densely
@@ -30,6 +29,9 @@ WORKSPACE_TOKENS_PER_SLOT = 2
 # a fixed target of programs per SM for every batch (bench_kernels.py --programs-per-sm); None: the
 # rule of programs_per_sm
 PROGRAMS_PER_SM: int | None = None
+# a fixed launch configuration of the attention kernel (bench_kernels.py --attention-configs); None:
+# sparse_attention.attention_launch's
+ATTENTION_LAUNCH: dict | None = None
 LARGE_BATCH_PAIRS = 256  # (request, kv-head) pairs of a batch bucket from which programs_per_sm doubles
 
 
@@ -183,6 +185,6 @@ def rabitq_decode_layer(
         if capped:
             cap_union(ws.logits, plan, thr, head_max, ws.union_count, max_budget, k_buf.shape[1], nc)
     sparse_attention(q, k_buf, v_buf, ws.logits, ws.index, req_to_token, plan, thr,
-                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, BLOCK_N)
+                     ws.partial_out, ws.partial_lse, ws.kept, sm_scale, nc, dense, **(ATTENTION_LAUNCH or {}))
     merge_partials(ws.partial_out, ws.partial_lse, out, nc + 1)
     return out

@@ -22,6 +22,15 @@ from sglang_rabitq.kernels.estimate import INTERPRETED, chunk_bounds, group_pad,
 SELECT_BLOCK_N = 512
 
 
+def attention_launch(group: int, head_dim: int) -> dict:
+    """``sparse_attention``'s launch configuration: tokens per gather block, warps, pipeline stages and
+    register cap (None: uncapped). The same for every shape: on an H100 no other of 8 configurations
+    (gather blocks of 32, 2 warps, 2 stages, caps of 64-80 registers, loads a block ahead) moved a
+    step by more than the runs' noise, 2-4 %, at 32K-128K and batches 1-32 of three model shapes
+    (ab_step-attention-launch-h100.md)."""
+    return dict(block_n=64, num_warps=4, num_stages=3, max_registers=None)
+
+
 @triton.jit
 def _attend_block(q, k_ptr, v_ptr, slots, keep, stride_kn, stride_vn,
                   m_i, l_i, acc, sm_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
@@ -151,25 +160,27 @@ def sparse_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
     req_to_token: torch.Tensor, plan: torch.Tensor, thr: torch.Tensor, partial_out: torch.Tensor,
     partial_lse: torch.Tensor, kept: torch.Tensor, sm_scale: float, num_chunks: int, dense: bool,
-    block_n: int = 64, num_warps: int = 4,
+    **launch,
 ) -> None:
     """Partial outputs ``[B * Hq * (NC + 1), D]`` and their log-sum-exp for ``merge_partials``.
 
     ``logits``: the score pass's fp16 logits; ``index``: int32 workspace of the compacted slots
     (both laid out per the plan's ``work`` offsets). ``dense`` keeps every token of the chunks.
+    ``launch``: overrides of ``attention_launch``'s configuration.
     """
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
     group = hq // hkv
+    cfg = {**attention_launch(group, d), **launch}
     _sparse_attention_kernel[(bsz, hkv, num_chunks + 1)](
         q, k_buf, v_buf, logits, index, req_to_token, plan, thr,
         partial_out, partial_lse, kept,
         sm_scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), hq, hkv, num_chunks,
-        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=block_n, SEL_N=SELECT_BLOCK_N,
+        GROUP=group, GP=group_pad(group), D=d, BLOCK_N=cfg["block_n"], SEL_N=SELECT_BLOCK_N,
         # Triton's interpreter multiplies bf16 tiles as raw integers: its dots run in fp32
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, OFFS32=offsets_fit_32(k_buf, v_buf),
-        num_warps=num_warps,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["max_registers"],
     )
 
 

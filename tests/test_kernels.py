@@ -515,6 +515,31 @@ def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, max_budg
         assert kept[0].max() < lens[0]  # sparse: the long request skipped tokens
 
 
+@pytest.mark.parametrize("launch", [dict(block_n=32), dict(block_n=128, num_warps=2, num_stages=2)])
+def test_attention_launch_configurations_attend_the_same_tokens(launch, fresh_seed, monkeypatch):
+    """Gather blocks, warps and stages change the order of the sums, not the tokens: the same counts,
+    and outputs equal to the default launch's within rounding."""
+    from sglang_rabitq.kernels.sparse_attention import attention_launch
+
+    hq, hkv, d = 8, 2, 128
+    lens = [5000, 1500, 70, 3] if ON_GPU else [700, 260, 70, 3]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed, centred=True)
+    ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
+    ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.seq_lens, 16, 32, ws.num_chunks(len(lens)))
+    outs, kept = [], []
+    for cfg in (None, {**attention_launch(hq // hkv, d), **launch}):
+        monkeypatch.setattr(decode, "ATTENTION_LAUNCH", cfg)
+        out = torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=batch.q.dtype)
+        rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot, batch.req_to_token,
+                            ws, out, sm_scale=d**-0.5, top_p=0.9, center=batch.center)
+        outs.append(out.float().cpu())
+        kept.append(ws.kept_tokens(len(lens)).cpu().clone())
+    assert not outs[1].isnan().any()
+    assert torch.equal(kept[0], kept[1])
+    assert kept[0][0].max() < lens[0]  # sparse: the long request skipped tokens
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 8, 128)])
 def test_dense_layer_and_top_p_one_equal_dense_attention(hq, hkv, d, fresh_seed):
     from sglang_rabitq.reference import dense_decode_attention
