@@ -24,10 +24,10 @@ SELECT_BLOCK_N = 512
 
 def attention_launch(group: int, head_dim: int) -> dict:
     """``sparse_attention``'s launch configuration: tokens per gather block, warps, pipeline stages and
-    register cap (None: uncapped). The same for every shape: on an H100 no other of 8 configurations
-    (gather blocks of 32, 2 warps, 2 stages, caps of 64-80 registers, loads a block ahead) moved a
-    step by more than the runs' noise, 2-4 %, at 32K-128K and batches 1-32 of three model shapes
-    (ab_step-attention-launch-h100.md)."""
+    register cap (None: uncapped). The same for every shape: on an H100 none of 7 others (gather blocks
+    of 32, 2 warps, 2 stages, caps of 64-80 registers, loads a block ahead) beat it by more than the
+    noise at 32K-128K, batches 1-32, three model shapes: the best of each point 0.95-1.03x, while two
+    timings of this one differed by up to 7 % (ab_step-attention-launch-h100.md)."""
     return dict(block_n=64, num_warps=4, num_stages=3, max_registers=None)
 
 
