@@ -171,7 +171,10 @@ def sparse_attention(
     bsz, hq, d = q.shape
     hkv = k_buf.shape[1]
     group = hq // hkv
-    cfg = {**attention_launch(group, d), **launch}
+    cfg = attention_launch(group, d)
+    if not launch.keys() <= cfg.keys():
+        raise TypeError(f"unknown attention launch settings {sorted(launch.keys() - cfg.keys())}; known: {sorted(cfg)}")
+    cfg.update(launch)
     _sparse_attention_kernel[(bsz, hkv, num_chunks + 1)](
         q, k_buf, v_buf, logits, index, req_to_token, plan, thr,
         partial_out, partial_lse, kept,

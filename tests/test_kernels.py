@@ -540,6 +540,14 @@ def test_attention_launch_configurations_attend_the_same_tokens(launch, fresh_se
     torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
 
 
+def test_attention_launch_refuses_unknown_settings():
+    from sglang_rabitq.kernels.sparse_attention import sparse_attention
+
+    with pytest.raises(TypeError, match="block_size"):
+        q, kv = torch.zeros(1, 2, 64), torch.zeros(8, 1, 64)  # its settings are checked before any launch
+        sparse_attention(q, kv, kv, *([None] * 8), 1.0, 1, False, block_size=32)
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (8, 8, 128)])
 def test_dense_layer_and_top_p_one_equal_dense_attention(hq, hkv, d, fresh_seed):
     from sglang_rabitq.reference import dense_decode_attention
