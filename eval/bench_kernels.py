@@ -68,13 +68,11 @@ def stages(s: Setup, top_p, warps=(2, 4, 8)):
                 for a in (0, 1):  # the next round's slots loaded ahead or not
                     out[f"score_mma_w{w}_r{r}_a{a}"] = score(num_warps=w, mma=True, mma_rounds=r, slots_ahead=bool(a))
     out["threshold"] = lambda: top_p_threshold(ws.stats, thr, top_p, nc, ws.prior[:bs])
-    out["attention"] = lambda: sparse_attention(  # as the decode step launches it
-        s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out, ws.partial_lse, ws.kept, sm, nc, False,
-        **(decode.ATTENTION_LAUNCH or {}))
+    attention = lambda **kw: lambda: sparse_attention(  # noqa: E731
+        s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out, ws.partial_lse, ws.kept, sm, nc, False, **kw)
+    out["attention"] = attention(**(decode.ATTENTION_LAUNCH or {}))  # as the decode step launches it
     for w in warps:
-        out[f"attention_w{w}"] = lambda w=w: sparse_attention(
-            s.q, s.k, s.v, ws.logits, ws.index, s.r2t, plan, thr, ws.partial_out,
-            ws.partial_lse, ws.kept, sm, nc, False, num_warps=w)
+        out[f"attention_w{w}"] = attention(num_warps=w)
     out["merge"] = lambda: merge_partials(ws.partial_out, ws.partial_lse, s.out, nc + 1)
     return out
 
