@@ -198,6 +198,29 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
     assert int((got["codes"] != 0x5A5A5A5A).any(-1).any(-1).sum()) == chunk + 5
 
 
+def test_prepare_query_sink_window_mass_matches_reference(fresh_seed):
+    # top-p over the context: per query head, the exact log-mass of its request's sink and window
+    hq, hkv, d, sink, window = 8, 2, 64, 16, 32
+    lens = [700, 260, 40]  # the last: no scored region, so no prior (-inf)
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed, centred=True)
+    plan = _plan(batch, 3, sink, window)
+    prior = torch.full((len(lens), hq), float("nan"), device=DEVICE)
+    prepare_query(batch.q, batch.rot, torch.empty(len(lens), hq, 3, device=DEVICE), _table(len(lens), hq, hkv, d),
+                  prior_lse=prior, k_buf=batch.k_buf, req_to_token=batch.req_to_token, plan=plan, center=batch.center,
+                  prior_scale=0.3)
+    k_buf, r2t, center = batch.k_buf.cpu(), batch.req_to_token.cpu(), batch.center.cpu()
+    for b in range(len(lens)):
+        rpi, sink_end, score_end, _, length, _ = (int(x) for x in plan[b, :6])
+        if score_end <= sink_end:
+            assert (prior[b] == float("-inf")).all()
+            continue
+        always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
+        for h in range(hkv):
+            heads = list(range(h * hq // hkv, (h + 1) * hq // hkv))
+            ref = dense_region_lse(batch.q[b, heads].float().cpu(), k_buf[always, h], center[h], 0.3)
+            assert torch.allclose(prior[b, heads].cpu().double(), ref.double(), rtol=1e-5, atol=1e-4), (b, h)
+
+
 def test_prepare_query_random_rounding_is_unbiased():
     d, n = 64, (4096 if ON_GPU else 256)
     q = torch.randn(1, 1, d).expand(n, 1, d).contiguous()
