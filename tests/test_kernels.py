@@ -208,17 +208,23 @@ def test_prepare_query_sink_window_mass_matches_reference(fresh_seed):
     prepare_query(batch.q, batch.rot, torch.empty(len(lens), hq, 3, device=DEVICE), _table(len(lens), hq, hkv, d),
                   prior_lse=prior, k_buf=batch.k_buf, req_to_token=batch.req_to_token, plan=plan, center=batch.center,
                   prior_scale=0.3)
-    k_buf, r2t, center = batch.k_buf.cpu(), batch.req_to_token.cpu(), batch.center.cpu()
     for b in range(len(lens)):
-        rpi, sink_end, score_end, _, length, _ = (int(x) for x in plan[b, :6])
-        if score_end <= sink_end:
+        if plan[b, 2] <= plan[b, 1]:
             assert (prior[b] == float("-inf")).all()
             continue
-        always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
         for h in range(hkv):
             heads = list(range(h * hq // hkv, (h + 1) * hq // hkv))
-            ref = dense_region_lse(batch.q[b, heads].float().cpu(), k_buf[always, h], center[h], 0.3)
+            ref = _sink_window_lse(batch, plan[b], b, h, heads, 0.3)
             assert torch.allclose(prior[b, heads].cpu().double(), ref.double(), rtol=1e-5, atol=1e-4), (b, h)
+
+
+def _sink_window_lse(batch, plan_row, b, h, heads, scale):
+    """Reference ``dense_region_lse`` of request ``b``'s sink and window (its plan row) for ``heads`` of
+    kv-head ``h``."""
+    rpi, sink_end, score_end, _, length = (int(x) for x in plan_row[:5])
+    r2t = batch.req_to_token.cpu()
+    always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
+    return dense_region_lse(batch.q[b, heads].float().cpu(), batch.k_buf.cpu()[always, h], batch.center.cpu()[h], scale)
 
 
 def test_prepare_query_random_rounding_is_unbiased():
@@ -477,15 +483,13 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
     q_u, delta, qmin = query
     stored, thr = ws.logits.cpu().double(), ws.thr[:bsz].cpu().double()
     prior_all = ws.prior[:bsz].cpu().double()
-    k_buf, r2t, center = batch.k_buf.cpu(), batch.req_to_token.cpu(), batch.center.cpu()
     for b in range(bsz):
         rpi, sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, :6])
         for h in range(hkv):
             heads = range(h * group, (h + 1) * group)
             prior = None
             if scope == "context" and score_end > sink_end:
-                always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
-                ref_prior = dense_region_lse(batch.q[b, list(heads)].float().cpu(), k_buf[always, h], center[h], score_scale)
+                ref_prior = _sink_window_lse(batch, ws.plan.rows[b], b, h, list(heads), score_scale)
                 prior = prior_all[b, list(heads)]
                 assert torch.allclose(prior, ref_prior, rtol=1e-5, atol=1e-4), ("sink/window mass", b, h)
             got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
