@@ -43,7 +43,7 @@ from sglang_rabitq.kernels.sparse_attention import (
     SELECT_BLOCK_N, _merge_kernel, _sparse_attention_kernel, attention_launch, merge_constexprs)
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
-KERNELS = ("score", "attention", "encode", "encode_layers", "query", "threshold", "merge", "plan")
+KERNELS = ("score", "attention", "encode", "encode_layers", "query", "query_head", "threshold", "merge", "plan")
 
 POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_ptr": "*fp16", "qscal_ptr": "*fp32",
                  "factor_ptr": "*fp32", "thr_ptr": "*fp32", "po_ptr": "*fp32", "plse_ptr": "*fp32", "cmax_ptr": "*fp32",
@@ -72,10 +72,12 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
         return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
     if name == "encode_layers":  # bf16 keys
         return _encode_layers_kernel, dict(K_DTYPE=tl.bfloat16, D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
-    if name == "query":
-        # with the sink/window mass of top-p over the context and the lazy encode at the default chunk
+    if name in ("query", "query_head"):
+        # with the sink/window mass of top-p over the context and the lazy encode at the default chunk;
+        # a group a program ("query", query_heads_per_program at large batches) or one head
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, WPE=table_words(group), RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
-                                           BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D)
+                                           BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D,
+                                           HPP=group if name == "query" else 1)
     if name == "threshold":
         return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}
     if name == "merge":  # the chunks' partials and the sink/window program's

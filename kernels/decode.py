@@ -13,7 +13,7 @@ import triton
 
 from sglang_rabitq.kernels.encode import encode_slots
 from sglang_rabitq.kernels.estimate import table_words
-from sglang_rabitq.kernels.query import prepare_query
+from sglang_rabitq.kernels.query import prepare_query, query_heads_per_program
 from sglang_rabitq.kernels.score import SCORE_BLOCK_N, ChunkStats, score_chunks
 from sglang_rabitq.kernels.select import cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_partials, sparse_attention
@@ -176,7 +176,8 @@ def rabitq_decode_layer(
         score_scale = sm_scale * score_temperature
         prior = ws.prior[:bsz] if top_p_scope == "context" else None
         prepare_query(q, rot, qscal, qtable, ws.seed, rounding, prior_lse=prior, k_buf=k_buf, req_to_token=req_to_token,
-                      plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor)
+                      plan=plan, center=center, prior_scale=score_scale, pending=pending, codes=codes, factor=factor,
+                      heads_per_program=query_heads_per_program(bsz, hq, k_buf.shape[1], ws.num_sms))
         score_chunks(qtable, qscal, codes, factor, req_to_token, plan, ws.logits, ws.stats,
                      score_scale, k_buf.shape[1], nc)
         capped = max_budget < 1.0

@@ -1,6 +1,7 @@
 """Fused query rotation + INT4 quantization per (request, query head) (reference: ``quantize_query``
 and ``query_nibble_table``): the score kernel reads the INT4 query as a nibble table, each program
-writing its head's byte of every entry.
+writing its heads' bytes of every entry. A program takes one query head, or a kv-head's whole group
+at large batches (``query_heads_per_program``).
 
 Two more jobs ride on the same programs, each a few hundred keys per request that would otherwise
 cost a launch of their own in every sparse layer:
@@ -30,69 +31,83 @@ def _prepare_query_kernel(
     pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn, stride_fh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WPE: tl.constexpr, RANDOM: tl.constexpr,
     PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr,
+    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr, HPP: tl.constexpr,
 ):
     b = tl.program_id(0)
-    hq = tl.program_id(1)
+    h0 = tl.program_id(1) * HPP  # this program's first query head
+    hkv = h0 // GROUP
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
-    rot = tl.load(rot_ptr + (hq // GROUP) * D * D + offs_d[:, None] * D + offs_d[None, :])
-    rq = tl.sum(q[:, None] * rot, axis=0)  # q @ P, as for the keys
-    qmin = tl.min(rq, axis=0)
-    delta = (tl.max(rq, axis=0) - qmin) / 15.0
-    scaled = (rq - qmin) / tl.where(delta > 0, delta, 1.0)
-    if RANDOM:
-        # a fresh draw every step: the seed lives in device memory and is bumped by the planner
-        offs = (b * HQ + hq) * D + offs_d
-        qu = tl.floor(scaled + tl.rand(tl.load(seed_ptr), offs))
-    else:
-        qu = tl.floor(scaled + 0.5)
-    qu = tl.minimum(tl.maximum(qu, 0.0), 15.0)
-    row = b * HQ + hq
-    tl.store(qscal_ptr + row * 3 + 0, delta)
-    tl.store(qscal_ptr + row * 3 + 1, qmin)
-    tl.store(qscal_ptr + row * 3 + 2, tl.sum(qu, axis=0))
-    # this head's byte of every nibble-table entry [p, n]: sum of q_u[4p + i] over the set bits i of n
-    qi = tl.reshape(qu.to(tl.int32), (D // 4, 4))
-    offs_n = tl.arange(0, 16)
-    nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
-    entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
+    rot = tl.load(rot_ptr + hkv * D * D + offs_d[:, None] * D + offs_d[None, :])  # once for its HPP heads
     # byte g of an entry: head g of the group. Addressed in bytes: a byte pointer cast from entry
     # pointers keeps their contiguity, and with one head a group Triton then stores two entries'
     # bytes as one 16-bit word (odd entries never written; tests/test_kernel_sass.py)
-    first = table_entries(table_ptr, b, hq // GROUP, HQ // GROUP, D, WPE).to(tl.pointer_type(tl.uint8))
+    first = table_entries(table_ptr, b, hkv, HQ // GROUP, D, WPE).to(tl.pointer_type(tl.uint8))
+    offs_n = tl.arange(0, 16)
+    nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
     idx = tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
-    tl.store(first + idx * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
     if PRIOR:
-        # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
-        # nothing to weigh against when the scored region is empty (then the request attends densely)
-        hkv = hq // GROUP
         plan = plan_ptr + b * PLAN_FIELDS
         rpi = tl.load(plan).to(tl.int64)
         sink_end, score_end, length = tl.load(plan + 1), tl.load(plan + 2), tl.load(plan + 4)
         n_dense = tl.where(score_end > sink_end, sink_end + length - score_end, 0)
-        qs = q * prior_scale
-        qc = tl.sum(qs * tl.load(center_ptr + hkv * D + offs_d), axis=0)
-        m_i = float("-inf")
-        l_i = 0.0
-        for t0 in range(0, n_dense, BLOCK_K):
-            t = t0 + tl.arange(0, BLOCK_K)
-            ok = t < n_dense
-            pos = tl.where(t < sink_end, t, t - sink_end + score_end)
-            slot = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=ok, other=0).to(tl.int64)
-            k = tl.load(k_ptr + slot[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.where(ok, tl.sum(k.to(tl.float32) * qs[None, :], axis=1) - qc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every block holds a key
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-            m_i = m_new
-        tl.store(prior_ptr + row, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
+        center = tl.load(center_ptr + hkv * D + offs_d)
+    for j in tl.static_range(HPP):
+        hq = h0 + j
+        q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
+        rq = tl.sum(q[:, None] * rot, axis=0)  # q @ P, as for the keys
+        qmin = tl.min(rq, axis=0)
+        delta = (tl.max(rq, axis=0) - qmin) / 15.0
+        scaled = (rq - qmin) / tl.where(delta > 0, delta, 1.0)
+        if RANDOM:
+            # a fresh draw every step: the seed lives in device memory and is bumped by the planner
+            offs = (b * HQ + hq) * D + offs_d
+            qu = tl.floor(scaled + tl.rand(tl.load(seed_ptr), offs))
+        else:
+            qu = tl.floor(scaled + 0.5)
+        qu = tl.minimum(tl.maximum(qu, 0.0), 15.0)
+        row = b * HQ + hq
+        tl.store(qscal_ptr + row * 3 + 0, delta)
+        tl.store(qscal_ptr + row * 3 + 1, qmin)
+        tl.store(qscal_ptr + row * 3 + 2, tl.sum(qu, axis=0))
+        # this head's byte of every nibble-table entry [p, n]: sum of q_u[4p + i] over the set bits i of n
+        qi = tl.reshape(qu.to(tl.int32), (D // 4, 4))
+        entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
+        tl.store(first + idx * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
+        if PRIOR:
+            # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
+            # nothing to weigh against when the scored region is empty (then the request attends densely)
+            qs = q * prior_scale
+            qc = tl.sum(qs * center, axis=0)
+            m_i = float("-inf")
+            l_i = 0.0
+            for t0 in range(0, n_dense, BLOCK_K):
+                t = t0 + tl.arange(0, BLOCK_K)
+                ok = t < n_dense
+                pos = tl.where(t < sink_end, t, t - sink_end + score_end)
+                slot = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=ok, other=0).to(tl.int64)
+                k = tl.load(k_ptr + slot[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+                s = tl.where(ok, tl.sum(k.to(tl.float32) * qs[None, :], axis=1) - qc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every block holds a key
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+                m_i = m_new
+            tl.store(prior_ptr + row, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
     if CHUNK > 0:
-        if hq < HQ // GROUP:  # one program per kv-head of the request encodes its chunk
+        if h0 % GROUP == 0:  # one program per kv-head of the request encodes its chunk
             for j0 in range(0, CHUNK, ENC_N):
                 offs_j = j0 + tl.arange(0, ENC_N)
                 slots = tl.load(pending_ptr + b * CHUNK + offs_j, mask=offs_j < CHUNK, other=-1).to(tl.int64)
-                encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, hq,
+                encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, hkv,
                              stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, ENC_N, ENC_D)
+
+
+def query_heads_per_program(bsz: int, num_q_heads: int, num_kv_heads: int, num_sms: int) -> int:
+    """Query heads of one program: a whole group, its kv-head's rotation (D x D fp32) read once,
+    where the batch's (request, kv-head) programs fill the GPU; one otherwise, as many programs as
+    heads. One head a program, each reads 64 KB of rotation at D 128: 64 MB from L2 at batch 32 on
+    the Llama-3.1-8B shape; a group a program at batch 1 left the GPU idle (2 programs instead of 12
+    on the Qwen2.5-1.5B shape: 3.5 -> 5.1 us, ab_step-query-per-kv-head.md). A function of the batch
+    size's power-of-two bucket, as the chunk count is (``decode.chunks_for_batch``)."""
+    return num_q_heads // num_kv_heads if triton.next_power_of_2(bsz) * num_kv_heads >= num_sms else 1
 
 
 def prepare_query(
@@ -101,6 +116,7 @@ def prepare_query(
     prior_lse: torch.Tensor | None = None, k_buf: torch.Tensor | None = None, req_to_token: torch.Tensor | None = None,
     plan: torch.Tensor | None = None, center: torch.Tensor | None = None, prior_scale: float = 1.0,
     pending: torch.Tensor | None = None, codes: torch.Tensor | None = None, factor: torch.Tensor | None = None,
+    heads_per_program: int = 1,
 ) -> None:
     """``q [B, Hq, D]`` -> ``qscal [B, Hq, 3]`` = (delta, min, sum(q_u)) and the INT4 query ``q_u`` as
     its nibble table ``qtable [B, Hkv, D // 4, 16, table_words(group)] int32`` (``query_nibble_table``;
@@ -111,7 +127,9 @@ def prepare_query(
     window at ``prior_scale``; ``-inf`` for a request with an empty scored region.
 
     ``pending [B * chunk]`` (optional, with ``k_buf``, ``center``, ``codes``, ``factor``): request
-    ``b``'s slots to encode at ``[b * chunk, (b + 1) * chunk)``, -1 for none (``encode_slots``)."""
+    ``b``'s slots to encode at ``[b * chunk, (b + 1) * chunk)``, -1 for none (``encode_slots``).
+
+    ``heads_per_program``: 1 or the group (``query_heads_per_program``); the results are the same."""
     b, hq, d = q.shape
     hkv = rot.shape[0]
     random = rounding == "random"
@@ -125,11 +143,13 @@ def prepare_query(
         raise ValueError("the lazy encode needs k_buf, center, codes, factor and a chunk of slots per request")
     chunk = pending.numel() // b if encoding and b else 0
     group = hq // hkv
+    if heads_per_program not in (1, group):
+        raise ValueError(f"heads_per_program must be 1 or the group ({group}), got {heads_per_program}")
     if not qtable.is_contiguous() or tuple(qtable.shape) != (b, hkv, d // 4, 16, table_words(group)):
         raise ValueError(f"qtable must be a contiguous [{b}, {hkv}, {d // 4}, 16, {table_words(group)}] table")
     k_buf = k_buf if (with_prior or encoding) else q  # placeholders: never read
     codes, factor = (codes, factor) if encoding else (qtable, qscal)
-    _prepare_query_kernel[(b, hq)](
+    _prepare_query_kernel[(b, hq // heads_per_program)](
         q, rot, qscal, qtable, seed if random else qscal, q.stride(0), q.stride(1),
         k_buf, req_to_token if with_prior else qtable, plan if with_prior else qtable,
         center if center is not None else qscal, prior_lse if with_prior else qscal, float(prior_scale),
@@ -140,4 +160,5 @@ def prepare_query(
         HQ=hq, GROUP=group, D=d, WPE=table_words(group), RANDOM=random,
         PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
         CHUNK=chunk, ENC_N=min(ENCODE_BLOCK_N, triton.next_power_of_2(max(chunk, 1))), ENC_D=ENCODE_BLOCK_D,
+        HPP=heads_per_program,
     )

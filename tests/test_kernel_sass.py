@@ -14,7 +14,7 @@ import pytest
 from sglang_rabitq.kernels.estimate_mma import MMA_ROUNDS
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
+KERNEL_WARPS = {"score": 2, "attention": 4, "encode": 4, "encode_layers": 4, "query": 4, "query_head": 4, "threshold": 4, "merge": 4, "plan": 4}  # as launched
 
 
 def kernel_sass(*args: str) -> str:
@@ -68,10 +68,11 @@ def test_score_tensor_core_loop_runs_one_mma_per_two_heads(group, head_dim):
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 7])
-def test_query_kernel_writes_the_nibble_table_byte_by_byte(group):
+@pytest.mark.parametrize("kernel", ["query", "query_head"])  # a group or one head a program
+def test_query_kernel_writes_the_nibble_table_byte_by_byte(group, kernel):
     # each head owns one byte of an entry: a wider store writes a neighbour's byte and skips an entry
     # (seen with one head a group: entries' bytes paired into 16-bit stores, odd entries unwritten)
-    out = kernel_sass("--kernel", "query", "--num-warps", "4", "--head-dim", "64", "--group", str(group), "--stores")
+    out = kernel_sass("--kernel", kernel, "--num-warps", "4", "--head-dim", "64", "--group", str(group), "--stores")
     stores = dict(reversed(item.split()) for item in out.splitlines()[0].removeprefix("stores: ").split(", "))
     assert int(stores.get("STG.E.U8", 0)) > 0
     assert not {"STG.E.U16", "STG.E.64", "STG.E.128"} & stores.keys()

@@ -26,6 +26,7 @@ from sglang_rabitq.kernels.score import ChunkStats, mma_estimate, score_chunks
 from sglang_rabitq.kernels.select import bins_between, cap_union, top_p_threshold
 from sglang_rabitq.kernels.sparse_attention import merge_constexprs, merge_partials
 from sglang_rabitq.kernels.decode import CHUNK_ALIGN, DecodePlan, chunks_for_batch
+from sglang_rabitq.kernels.query import query_heads_per_program
 from sglang_rabitq.reference.decode import dense_region_lse
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 from sglang_rabitq.reference import (
@@ -145,13 +146,14 @@ def _table(b: int, hq: int, hkv: int, d: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (7, 1), (3, 3)])  # (3, 3): one head a group
-def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
+@pytest.mark.parametrize("whole_group", [False, True])  # heads per program: one, or the group
+def test_prepare_query_matches_reference(d, hq, hkv, whole_group, fresh_seed):
     b = 3
     q = torch.randn(b, hq, d).to(torch.bfloat16)
     rot = random_rotation(d, seed=fresh_seed, num_heads=hkv)
     qscal = torch.full((b, hq, 3), float("nan"), device=DEVICE)
     qtable = _table(b, hq, hkv, d)
-    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qtable)
+    prepare_query(q.to(DEVICE), rot.to(DEVICE), qscal, qtable, heads_per_program=hq // hkv if whole_group else 1)
     qu = _int4_from_table(qtable.cpu(), hq // hkv)
     # every entry holds the sums of its nibble's levels; the bytes of no head are left as they were
     words = qtable.shape[-1]
@@ -170,7 +172,8 @@ def test_prepare_query_matches_reference(d, hq, hkv, fresh_seed):
 
 
 @pytest.mark.parametrize("chunk", [64, 100])  # 100: a chunk that is not one encode block
-def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_prepare_query_encodes_each_requests_pending_chunk(chunk, whole_group, fresh_seed):
     """The lazy refresh rides on the query launch: request b's program per kv-head encodes the slots
     at ``pending[b * chunk : (b + 1) * chunk]`` exactly as ``encode_slots`` does, and nothing else."""
     b, hq, hkv, d, n = 3, 4, 2, 64, 400
@@ -187,7 +190,8 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
     want = {k: v.clone() for k, v in poison.items()}
     q = torch.randn(b, hq, d).to(torch.bfloat16).to(DEVICE)
     qscal = torch.empty(b, hq, 3, device=DEVICE)
-    prepare_query(q, rot, qscal, _table(b, hq, hkv, d), k_buf=keys, center=center, pending=pending, **got)
+    prepare_query(q, rot, qscal, _table(b, hq, hkv, d), k_buf=keys, center=center, pending=pending,
+                  heads_per_program=hq // hkv if whole_group else 1, **got)
     encode_slots(keys, pending, rot, center, want["codes"], want["factor"])
     assert torch.equal(got["codes"], want["codes"])
     assert torch.equal(got["factor"].isnan(), want["factor"].isnan())
@@ -198,7 +202,8 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, fresh_seed):
     assert int((got["codes"] != 0x5A5A5A5A).any(-1).any(-1).sum()) == chunk + 5
 
 
-def test_prepare_query_sink_window_mass_matches_reference(fresh_seed):
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_prepare_query_sink_window_mass_matches_reference(whole_group, fresh_seed):
     # top-p over the context: per query head, the exact log-mass of its request's sink and window
     hq, hkv, d, sink, window = 8, 2, 64, 16, 32
     lens = [700, 260, 40]  # the last: no scored region, so no prior (-inf)
@@ -207,7 +212,7 @@ def test_prepare_query_sink_window_mass_matches_reference(fresh_seed):
     prior = torch.full((len(lens), hq), float("nan"), device=DEVICE)
     prepare_query(batch.q, batch.rot, torch.empty(len(lens), hq, 3, device=DEVICE), _table(len(lens), hq, hkv, d),
                   prior_lse=prior, k_buf=batch.k_buf, req_to_token=batch.req_to_token, plan=plan, center=batch.center,
-                  prior_scale=0.3)
+                  prior_scale=0.3, heads_per_program=hq // hkv if whole_group else 1)
     for b in range(len(lens)):
         if plan[b, 2] <= plan[b, 1]:
             assert (prior[b] == float("-inf")).all()
@@ -239,6 +244,29 @@ def test_prepare_query_random_rounding_is_unbiased():
     assert (qu != qu[0]).any()  # draws differ across rows
     step = float(qscal[0, 0, 0])
     assert torch.allclose(deq.mean(0), q[0, 0], atol=5 * step / math.sqrt(n))
+
+
+def test_prepare_query_layouts_write_the_same_bytes(fresh_seed):
+    """A program per query head or per kv-head group: the same draws (random rounding), tables and scalars."""
+    b, hq, hkv, d = 2, 8, 2, 64
+    q = torch.randn(b, hq, d).to(torch.bfloat16).to(DEVICE)
+    rot = random_rotation(d, seed=fresh_seed, num_heads=hkv).to(DEVICE)
+    seed = torch.tensor([fresh_seed], device=DEVICE)
+    out = []
+    for hpp in (1, hq // hkv):
+        qscal, qtable = torch.full((b, hq, 3), float("nan"), device=DEVICE), _table(b, hq, hkv, d)
+        prepare_query(q, rot, qscal, qtable, seed, "random", heads_per_program=hpp)
+        out.append((qscal, qtable))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    with pytest.raises(ValueError, match="heads_per_program"):
+        prepare_query(q, rot, out[0][0], out[0][1], heads_per_program=2)
+
+
+def test_query_heads_per_program_follows_the_batch_bucket():
+    # the Llama-3.1-8B shape on 132 SMs: a group a program once (request, kv-head) pairs fill the GPU
+    assert [query_heads_per_program(bsz, 32, 8, 132) for bsz in (1, 8, 16, 17, 32)] == [1, 1, 1, 4, 4]
+    for lo in (1, 2, 4, 8, 16, 32):  # constant over each power-of-two bucket, as CUDA graphs capture them
+        assert len({query_heads_per_program(bsz, 14, 2, 132) for bsz in range(lo // 2 + 1, lo + 1)}) == 1
 
 
 def _plan(batch, num_chunks, sink, window):
