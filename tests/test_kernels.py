@@ -227,9 +227,9 @@ def _sink_window_lse(batch, plan_row, b, h, heads, scale):
     """Reference ``dense_region_lse`` of request ``b``'s sink and window (its plan row) for ``heads`` of
     kv-head ``h``."""
     rpi, sink_end, score_end, _, length = (int(x) for x in plan_row[:5])
-    r2t = batch.req_to_token.cpu()
-    always = torch.cat([r2t[rpi, :sink_end], r2t[rpi, score_end:length]]).long()
-    return dense_region_lse(batch.q[b, heads].float().cpu(), batch.k_buf.cpu()[always, h], batch.center.cpu()[h], scale)
+    row = batch.req_to_token[rpi]
+    always = torch.cat([row[:sink_end], row[score_end:length]]).long()  # only these keys leave the device
+    return dense_region_lse(batch.q[b, heads].float().cpu(), batch.k_buf[always, h].cpu(), batch.center[h].cpu(), scale)
 
 
 def test_prepare_query_random_rounding_is_unbiased():
@@ -512,7 +512,7 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
     stored, thr = ws.logits.cpu().double(), ws.thr[:bsz].cpu().double()
     prior_all = ws.prior[:bsz].cpu().double()
     for b in range(bsz):
-        rpi, sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, :6])
+        _, sink_end, score_end, chunk_len, length, work = (int(x) for x in ws.plan.rows[b, :6])
         for h in range(hkv):
             heads = range(h * group, (h + 1) * group)
             prior = None
