@@ -75,9 +75,10 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     if name in ("query", "query_head"):
         # with the sink/window mass of top-p over the context and the lazy encode at the default chunk;
         # a group a program ("query", query_heads_per_program at large batches) or one head
+        hpp = group if name == "query" else 1
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, WPE=table_words(group), RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
                                            BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D,
-                                           HPP=group if name == "query" else 1)
+                                           HPP=hpp, HPP_P=triton.next_power_of_2(hpp))
     if name == "threshold":
         return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}
     if name == "merge":  # the chunks' partials and the sink/window program's

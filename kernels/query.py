@@ -31,7 +31,7 @@ def _prepare_query_kernel(
     pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn, stride_fh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WPE: tl.constexpr, RANDOM: tl.constexpr,
     PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr, HPP: tl.constexpr,
+    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr, HPP: tl.constexpr, HPP_P: tl.constexpr,
 ):
     b = tl.program_id(0)
     h0 = tl.program_id(1) * HPP  # this program's first query head
@@ -45,12 +45,7 @@ def _prepare_query_kernel(
     offs_n = tl.arange(0, 16)
     nbits = (offs_n[:, None] >> tl.arange(0, 4)[None, :]) & 1
     idx = tl.arange(0, D // 4)[:, None] * 16 + offs_n[None, :]
-    if PRIOR:
-        plan = plan_ptr + b * PLAN_FIELDS
-        rpi = tl.load(plan).to(tl.int64)
-        sink_end, score_end, length = tl.load(plan + 1), tl.load(plan + 2), tl.load(plan + 4)
-        n_dense = tl.where(score_end > sink_end, sink_end + length - score_end, 0)
-        center = tl.load(center_ptr + hkv * D + offs_d)
+    qs_rows = ()  # with PRIOR: each head's query at prior_scale, for the sink/window mass below
     for j in tl.static_range(HPP):
         hq = h0 + j
         q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
@@ -74,23 +69,39 @@ def _prepare_query_kernel(
         entry = tl.sum(qi[:, None, :] * nbits[None, :, :], axis=2)  # [D / 4, 16]
         tl.store(first + idx * (4 * WPE) + hq % GROUP, entry.to(tl.uint8))
         if PRIOR:
-            # log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index range;
-            # nothing to weigh against when the scored region is empty (then the request attends densely)
-            qs = q * prior_scale
-            qc = tl.sum(qs * center, axis=0)
-            m_i = float("-inf")
-            l_i = 0.0
-            for t0 in range(0, n_dense, BLOCK_K):
-                t = t0 + tl.arange(0, BLOCK_K)
-                ok = t < n_dense
-                pos = tl.where(t < sink_end, t, t - sink_end + score_end)
-                slot = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=ok, other=0).to(tl.int64)
-                k = tl.load(k_ptr + slot[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
-                s = tl.where(ok, tl.sum(k.to(tl.float32) * qs[None, :], axis=1) - qc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every block holds a key
-                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-                m_i = m_new
-            tl.store(prior_ptr + row, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
+            qs_rows = qs_rows + (q * prior_scale,)
+    if PRIOR:
+        # per head, log sum exp(prior_scale * <q, k - c>) over [0, S') and [E, L), walked as one index
+        # range, each block of keys read once for all of the program's heads; nothing to weigh against
+        # when the scored region is empty (then the request attends densely)
+        plan = plan_ptr + b * PLAN_FIELDS
+        rpi = tl.load(plan).to(tl.int64)
+        sink_end, score_end, length = tl.load(plan + 1), tl.load(plan + 2), tl.load(plan + 4)
+        n_dense = tl.where(score_end > sink_end, sink_end + length - score_end, 0)
+        center = tl.load(center_ptr + hkv * D + offs_d)
+        offs_h = tl.arange(0, HPP_P)
+        qc = tl.zeros((HPP_P,), tl.float32)
+        for j in tl.static_range(HPP):
+            qc = tl.where(offs_h == j, tl.sum(qs_rows[j] * center, axis=0), qc)
+        m_i = tl.full((HPP_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((HPP_P,), tl.float32)
+        for t0 in range(0, n_dense, BLOCK_K):
+            t = t0 + tl.arange(0, BLOCK_K)
+            ok = t < n_dense
+            pos = tl.where(t < sink_end, t, t - sink_end + score_end)
+            slot = tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=ok, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :], mask=ok[:, None], other=0.0)
+            k = k.to(tl.float32)
+            s = tl.zeros((HPP_P, BLOCK_K), tl.float32)
+            for j in tl.static_range(HPP):
+                s = tl.where(offs_h[:, None] == j, tl.sum(k * qs_rows[j][None, :], axis=1)[None, :], s)
+            s = tl.where((offs_h < HPP)[:, None] & ok[None, :], s - qc[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite for the program's heads: every block holds a key
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # the padding rows of HPP_P
+            l_i = l_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), axis=1)
+            m_i = m_new
+        tl.store(prior_ptr + b * HQ + h0 + offs_h, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")),
+                 mask=offs_h < HPP)
     if CHUNK > 0:
         if h0 % GROUP == 0:  # one program per kv-head of the request encodes its chunk
             for j0 in range(0, CHUNK, ENC_N):
@@ -160,5 +171,5 @@ def prepare_query(
         HQ=hq, GROUP=group, D=d, WPE=table_words(group), RANDOM=random,
         PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
         CHUNK=chunk, ENC_N=min(ENCODE_BLOCK_N, triton.next_power_of_2(max(chunk, 1))), ENC_D=ENCODE_BLOCK_D,
-        HPP=heads_per_program,
+        HPP=heads_per_program, HPP_P=triton.next_power_of_2(heads_per_program),
     )

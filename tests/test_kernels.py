@@ -202,10 +202,11 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, whole_group, f
     assert int((got["codes"] != 0x5A5A5A5A).any(-1).any(-1).sum()) == chunk + 5
 
 
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (14, 2)])  # (14, 2): a group of 7, padded to 8 rows a program
 @pytest.mark.parametrize("whole_group", [False, True])
-def test_prepare_query_sink_window_mass_matches_reference(whole_group, fresh_seed):
+def test_prepare_query_sink_window_mass_matches_reference(hq, hkv, whole_group, fresh_seed):
     # top-p over the context: per query head, the exact log-mass of its request's sink and window
-    hq, hkv, d, sink, window = 8, 2, 64, 16, 32
+    d, sink, window = 64, 16, 32
     lens = [700, 260, 40]  # the last: no scored region, so no prior (-inf)
     batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed, centred=True)
     plan = _plan(batch, 3, sink, window)
