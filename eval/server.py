@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,6 +89,7 @@ class Server:
 
     def launch(self) -> None:
         """Start the process and return at once (``wait_ready`` / ``wait_for_log`` wait for it)."""
+        self._take_free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self._log.write("$ " + shlex.join(self.cmd) + "\n")
@@ -101,6 +103,20 @@ class Server:
         self.proc = subprocess.Popen(
             self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
+
+    def _take_free_port(self, tries: int = 10) -> None:
+        """Move to the next free port if ours is taken (another listener, or a client connection's local port):
+        otherwise the server dies at bind time, after loading the model."""
+        for port in range(self.port, self.port + tries):
+            if port_is_free(self.host, port):
+                break
+        else:
+            raise RuntimeError(f"ports {self.port}-{self.port + tries - 1} on {self.host} are all in use; "
+                               "pass another --port")
+        if port != self.port:
+            print(f"[server] port {self.port} is in use; {self.backend} takes {port}", flush=True)
+            self.cmd[self.cmd.index("--port") + 1] = str(port)
+            self.port, self.url = port, f"http://{self.host}:{port}"
 
     def _wait(self, ready) -> None:
         """Poll ``ready()`` until true; raise (and stop the server) if it exits or times out."""
@@ -177,6 +193,17 @@ class Server:
             return http_post(self.url + "/flush_cache", {}, timeout=60)[0] == 200
         except OSError:
             return False
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind host:port now (SO_REUSEADDR, as servers set it: TIME_WAIT does not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _raise_exit(signum, frame):
@@ -516,7 +543,8 @@ def mean_known(xs):
 def add_server_args(ap: argparse.ArgumentParser, port: int = 30000, model_required: bool = True) -> None:
     """Options every driver shares: model, ports, backends, memory, logs, output."""
     ap.add_argument("--model", required=model_required, help="model folder (HF config + weights [+ tokenizer])")
-    ap.add_argument("--port", type=int, default=port, help="first port; the i-th server start of a run takes port + 10 i")
+    ap.add_argument("--port", type=int, default=port,
+                    help="first port; the i-th server start of a run takes port + 10 i (or the next free one above it)")
     ap.add_argument("--dense-backend", default="flashinfer", help="baseline attention backend")
     ap.add_argument("--ours-backend", default="rabitq", help="sparse attention backend under test")
     ap.add_argument("--mem-fraction-static", type=float, default=0.8)

@@ -245,11 +245,14 @@ if __name__ != "__main__":
         return model
 
     def _port():
-        import socket
+        """A base port whose +10 i neighbours (one a driver's server start) are free now; below Linux's
+        ephemeral range (32768 up), where no client connection's local port can take them meanwhile."""
+        import random
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1] // 100 * 100 % 50000 + 10000
+        while True:
+            base = random.randrange(20000, 32000, 100)
+            if all(eval_server.port_is_free("127.0.0.1", base + k) for k in range(0, 100, 10)):
+                return base
 
     def test_server_context_manager_starts_and_kills(fake, tmp_path):
         with Server(str(fake), "flashinfer", port=_port(), log_path=tmp_path / "s.log", timeout=30) as srv:
@@ -262,6 +265,20 @@ if __name__ != "__main__":
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
         assert "fake sglang" in (tmp_path / "s.log").read_text()
+
+    def test_server_moves_off_a_port_in_use(fake, tmp_path):
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", _port()))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with Server(str(fake), "flashinfer", port=port, log_path=tmp_path / "s.log", timeout=30) as srv:
+                assert srv.port == port + 1 and srv.url.endswith(f":{port + 1}")
+                assert eval_server.http_get(srv.url + "/health_generate")[0] == 200
+            assert f"--port {port + 1}" in (tmp_path / "s.log").read_text()
+            with pytest.raises(RuntimeError, match="all in use"):
+                Server(str(fake), "flashinfer", port=port, log_path=tmp_path / "t.log")._take_free_port(tries=1)
 
     def test_server_that_dies_raises_with_log(fake, tmp_path):
         with pytest.raises(RuntimeError, match="exited"):
