@@ -188,7 +188,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    S.add_server_args(ap, port=33000, model_required=False)
+    S.add_server_args(ap, port=28000, model_required=False)
     add_model_args(ap)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=1)

@@ -541,7 +541,8 @@ def mean_known(xs):
 
 
 def add_server_args(ap: argparse.ArgumentParser, port: int = 30000, model_required: bool = True) -> None:
-    """Options every driver shares: model, ports, backends, memory, logs, output."""
+    """Options every driver shares: model, ports, backends, memory, logs, output. The drivers' default ports
+    sit below Linux's ephemeral range (32768 up), which client connections take their local ports from."""
     ap.add_argument("--model", required=model_required, help="model folder (HF config + weights [+ tokenizer])")
     ap.add_argument("--port", type=int, default=port,
                     help="first port; the i-th server start of a run takes port + 10 i (or the next free one above it)")
