@@ -56,7 +56,6 @@ class Server:
         env: dict | None = None,
     ):
         self.model, self.backend, self.port, self.host = model, backend, port, host
-        self.url = f"http://{host}:{port}"
         self.timeout = timeout
         self.log_path = Path(log_path) if log_path else RESULTS / "logs" / f"server-{backend}-{port}.log"
         self.env = env
@@ -75,6 +74,10 @@ class Server:
         self.startup_s: float | None = None
         self.metrics_settle = 0.0  # see snapshot()
         self._old_sigterm = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "Server":
         self.start()
@@ -116,7 +119,7 @@ class Server:
         if port != self.port:
             print(f"[server] port {self.port} is in use; {self.backend} takes {port}", flush=True)
             self.cmd[self.cmd.index("--port") + 1] = str(port)
-            self.port, self.url = port, f"http://{self.host}:{port}"
+            self.port = port
 
     def _wait(self, ready) -> None:
         """Poll ``ready()`` until true; raise (and stop the server) if it exits or times out."""
