@@ -39,7 +39,7 @@ def _joined(sources: list[dict], key: str) -> str:
 
 def speed_model(result: dict, row: dict) -> str:
     """A speed row's model with what sets its budget: the prompts (where the run recorded them), the
-    top-p, and a score temperature or budget cap given in the run's rabitq flags."""
+    top-p, and a score temperature, budget cap or dense-batch threshold of 0 given in the run's rabitq flags."""
     cfg = result.get("config") or {}
     setting = [f"{result['prompts']} prompts"] if result.get("prompts") else []
     if cfg.get("top_p") is not None:
@@ -50,6 +50,8 @@ def speed_model(result: dict, row: dict) -> str:
     cap = flag_value(cfg.get("rabitq_args") or "", "--rabitq-max-budget")
     if cap is not None:
         setting.append(f"cap {cap}")
+    if flag_value(cfg.get("rabitq_args") or "", "--rabitq-min-batch-context") == "0":
+        setting.append("every step sparse")  # else batches of little total context attend densely
     return f"{row['model']} ({', '.join(setting)})" if setting else str(row["model"])
 
 
