@@ -44,13 +44,14 @@ def speed_model(result: dict, row: dict) -> str:
     setting = [f"{result['prompts']} prompts"] if result.get("prompts") else []
     if cfg.get("top_p") is not None:
         setting.append(f"p {cfg['top_p']}")
-    temp = flag_value(cfg.get("rabitq_args") or "", "--rabitq-score-temperature")
+    flags = cfg.get("rabitq_args") or ""
+    temp = flag_value(flags, "--rabitq-score-temperature")
     if temp is not None:
         setting.append(f"t {temp}")
-    cap = flag_value(cfg.get("rabitq_args") or "", "--rabitq-max-budget")
+    cap = flag_value(flags, "--rabitq-max-budget")
     if cap is not None:
         setting.append(f"cap {cap}")
-    if flag_value(cfg.get("rabitq_args") or "", "--rabitq-min-batch-context") == "0":
+    if flag_value(flags, "--rabitq-min-batch-context") == "0":
         setting.append("every step sparse")  # else batches of little total context attend densely
     return f"{row['model']} ({', '.join(setting)})" if setting else str(row["model"])
 
