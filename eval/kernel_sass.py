@@ -61,12 +61,12 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
                       BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS,
-                      AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True)
+                      AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True, PDL=True)
         return _score_kernel, consts
     if name == "attention":
         launch = attention_launch(group, head_dim)
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=launch["block_n"], SEL_N=SELECT_BLOCK_N, DENSE=False,
-                      PLAN_FIELDS=6, DOT_F32=False, OFFS32=True)
+                      PLAN_FIELDS=6, DOT_F32=False, OFFS32=True, PDL=True)
         return _sparse_attention_kernel, consts
     if name == "encode":
         return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
@@ -80,9 +80,9 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
                                            BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D,
                                            HPP=hpp, HPP_P=triton.next_power_of_2(hpp))
     if name == "threshold":
-        return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True}
+        return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True, "PDL": True}
     if name == "merge":  # the chunks' partials and the sink/window program's
-        return _merge_kernel, merge_constexprs(num_chunks + 1, head_dim)
+        return _merge_kernel, {**merge_constexprs(num_chunks + 1, head_dim), "PDL": True}
     if name == "plan":  # at the default --rabitq-encode-chunk
         return _plan_kernel, plan_constexprs(64, CHUNK_ALIGN, DecodePlan.FIELDS, mutate=True)
     raise ValueError(f"unknown kernel {name!r}")
@@ -94,6 +94,8 @@ UNIT_STRIDES = {"stride_fn": 1}  # code_buffers: a kv-head's factors are contigu
 def compile_kernel(fn, consts: dict, num_warps: int, arch: int, not_aligned: set[str], maxnreg: int | None = None):
     names = fn.arg_names
     consts = {**{k: v for k, v in UNIT_STRIDES.items() if k in names}, **consts}
+    if "PDL" in consts:  # the chained launch's griddepcontrol exists from sm_90 (kernels.launch_chain)
+        consts["PDL"] = arch >= 90
     sig = {}
     for n in names:
         if n in consts:

@@ -4,7 +4,8 @@ Installed as ``sglang_rabitq.kernels``. One decode step of one layer runs:
 ``prepare_query`` (rotate + INT4 + nibble table, and the lazy encode of keys that left the window) ->
 ``score_chunks`` (estimate once, fp16 logits to the workspace, chunk max + histogram) ->
 ``top_p_threshold`` (per query head) [-> ``cap_union`` with ``--rabitq-max-budget``] -> ``sparse_attention`` (select, compact, exact attention, split
-over chunks) -> ``merge_partials``. ``encode_slots_all_layers`` writes the codes of a forward batch's
+over chunks) -> ``merge_partials``; from sm_90 on, each kernel after the query's is launched as a
+programmatic dependent of the one before (``launch_chain``). ``encode_slots_all_layers`` writes the codes of a forward batch's
 new keys for every sparse layer in one launch (at prefill, and for a decode step that attends
 densely); ``encode_slots`` one layer's.
 ``plan_decode`` plans each decode batch (once, before the layers run) in one launch.

@@ -34,6 +34,7 @@ from sglang_rabitq.kernels.estimate import (
     table_words,
 )
 from sglang_rabitq.kernels.histogram import BALLOT, ballot_counts, counts_by_key, key_masks
+from sglang_rabitq.kernels.launch_chain import chain_options, chain_start
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
 NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens
@@ -124,8 +125,9 @@ def _score_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
     NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
     MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr, AHEAD: tl.constexpr, BALLOT_HIST: tl.constexpr,
-    OFFS32: tl.constexpr,
+    OFFS32: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     c = tl.program_id(2)
@@ -272,7 +274,7 @@ def score_chunks(
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
         MMA=use_mma, W=warps, R=mma_rounds, AHEAD=slots_ahead,
         BALLOT_HIST=ballot and ballot_histogram(codes.device), OFFS32=offsets_fit_32(codes, factor), num_warps=warps,
-        maxnreg=max_registers or score_max_registers(group),
+        maxnreg=max_registers or score_max_registers(group), **chain_options(codes.device),
     )
 
 

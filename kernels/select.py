@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from sglang_rabitq.kernels.estimate import chunk_bounds, group_pad, logit_rows
+from sglang_rabitq.kernels.launch_chain import chain_options, chain_start
 from sglang_rabitq.kernels.score import HIST_BLOCK_N, NO_BIN, ChunkStats
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 
@@ -21,8 +22,9 @@ from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS, SMALL_BIN
 def _threshold_kernel(
     cmax_ptr, ctop_ptr, ccount_ptr, thr_ptr, prior_ptr, hmax_ptr, top_p, HQ, NC,
     NCP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr, SMALL: tl.constexpr,
-    PRIOR: tl.constexpr, STORE_MAX: tl.constexpr,
+    PRIOR: tl.constexpr, STORE_MAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     row = tl.program_id(0) * HQ + tl.program_id(1)
     base = row * NC
     offs_c = tl.arange(0, NCP)
@@ -91,6 +93,7 @@ def top_p_threshold(
         stats.max, stats.top, stats.count, thr, thr if prior_lse is None else prior_lse,
         thr if head_max is None else head_max, float(top_p), hq, num_chunks,
         PRIOR=prior_lse is not None, STORE_MAX=head_max is not None, **threshold_constexprs(num_chunks),
+        **chain_options(thr.device),
     )
 
 
@@ -98,8 +101,9 @@ def top_p_threshold(
 def _union_hist_kernel(
     logit_ptr, plan_ptr, thr_ptr, hmax_ptr, ucount_ptr, HQ, HKV, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, HBLOCK: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr,
-    PLAN_FIELDS: tl.constexpr,
+    PLAN_FIELDS: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     c = tl.program_id(2)
@@ -129,8 +133,9 @@ def _union_hist_kernel(
 def _union_cap_kernel(
     ucount_ptr, plan_ptr, thr_ptr, hmax_ptr, max_budget, HQ, HKV, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, CB: tl.constexpr, NB: tl.constexpr, BIN_W: tl.constexpr,
-    SMALL: tl.constexpr, PLAN_FIELDS: tl.constexpr,
+    SMALL: tl.constexpr, PLAN_FIELDS: tl.constexpr, PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     base = (b * HKV + hkv) * NC
@@ -186,7 +191,8 @@ def cap_union(
     group = hq // num_kv_heads
     if union_count.shape[0] < bsz * num_kv_heads * num_chunks or union_count.shape[1] != HIST_BINS:
         raise ValueError(f"union_count must be [>= {bsz * num_kv_heads * num_chunks}, {HIST_BINS}]")
-    common = dict(GROUP=group, GP=group_pad(group), NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1])
+    common = dict(GROUP=group, GP=group_pad(group), NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1],
+                  **chain_options(thr.device))
     _union_hist_kernel[(bsz, num_kv_heads, num_chunks)](
         logits, plan, thr, head_max, union_count, hq, num_kv_heads, num_chunks, HBLOCK=HIST_BLOCK_N, **common)
     _union_cap_kernel[(bsz, num_kv_heads)](

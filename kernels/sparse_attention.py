@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from sglang_rabitq.kernels.estimate import INTERPRETED, chunk_bounds, group_pad, logit_rows, offsets_fit_32, slot_offsets
+from sglang_rabitq.kernels.launch_chain import chain_options, chain_start
 
 # logits per inner block of the selection: the walk over every logit is a chain of memory round
 # trips per program, so few, wide blocks (512 vs 256: with the slots read beside the logits, step
@@ -60,7 +61,9 @@ def _sparse_attention_kernel(
     sm_scale, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t, HQ, HKV, NC,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SEL_N: tl.constexpr,
     DENSE: tl.constexpr, PLAN_FIELDS: tl.constexpr, DOT_F32: tl.constexpr, OFFS32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    chain_start(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     c = tl.program_id(2)
@@ -133,7 +136,9 @@ def _sparse_attention_kernel(
 
 @triton.jit(do_not_specialize=["NPART"])  # per-batch sizes: one compile (package doc)
 def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh, HQ, NPART,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, NPP: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PDL: tl.constexpr):
+    chain_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * HQ + h) * NPART
@@ -184,6 +189,7 @@ def sparse_attention(
         # Triton's interpreter multiplies bf16 tiles as raw integers: its dots run in fp32
         DENSE=dense, PLAN_FIELDS=plan.shape[1], DOT_F32=INTERPRETED, OFFS32=offsets_fit_32(k_buf, v_buf),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], maxnreg=cfg["max_registers"],
+        **chain_options(q.device),
     )
 
 
@@ -207,4 +213,5 @@ def merge_partials(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: to
     consts = merge_constexprs(num_parts, d)
     _merge_kernel[(bsz, hq, d // consts["BLOCK_D"])](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), hq, num_parts, **consts,
+        **chain_options(out.device),
     )

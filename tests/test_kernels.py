@@ -21,6 +21,7 @@ from sglang_rabitq.kernels import (
 )
 from sglang_rabitq.kernels.estimate import offsets_fit_32, table_words
 import sglang_rabitq.kernels.decode as decode
+import sglang_rabitq.kernels.launch_chain as launch_chain
 import sglang_rabitq.kernels.score as score_module
 from sglang_rabitq.kernels.score import ChunkStats, mma_estimate, score_chunks
 from sglang_rabitq.kernels.select import bins_between, cap_union, top_p_threshold
@@ -718,6 +719,40 @@ def test_decode_step_replays_in_a_cuda_graph_bit_identically(fresh_seed):
     assert not graphed.isnan().any()
     assert torch.equal(graphed, eager)
     assert torch.equal(kept_graph, ws.kept_tokens(len(lens)))
+
+
+@pytest.mark.skipif(not (ON_GPU and launch_chain.programmatic_launch(torch.device(DEVICE))),
+                    reason="needs a CUDA GPU with griddepcontrol (sm_90 on)")
+def test_chained_launches_give_the_bits_of_plain_launches(fresh_seed, monkeypatch):
+    """The step's kernels launched as a programmatic chain (each waits for the one before inside the
+    kernel) against plain launches, eagerly and replayed from a CUDA graph, with the cap's two launches."""
+    hq, hkv, d, lens = 8, 2, 128, [3000, 1200, 77]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed)
+    ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
+    ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, 16, 32, ws.num_chunks(len(lens)))
+
+    def step(out):
+        rabitq_decode_layer(batch.q, batch.k_buf, batch.v_buf, batch.codes, batch.factor, batch.rot,
+                            batch.req_to_token, ws, out, sm_scale=d**-0.5, top_p=0.95, max_budget=0.2)
+
+    results = []
+    for chained in (False, True):
+        monkeypatch.setattr(launch_chain, "ENABLED", chained)
+        eager, graphed = (torch.full((len(lens), hq, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+                          for _ in range(2))
+        step(eager)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(graphed)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((eager, graphed, ws.kept_tokens(len(lens)).clone()))
+    (plain, plain_graph, plain_kept), (chain, chain_graph, chain_kept) = results
+    assert not plain.isnan().any()
+    assert torch.equal(plain_kept, chain_kept)
+    for out in (plain_graph, chain, chain_graph):
+        assert torch.equal(out, plain)
 
 
 def _poison_workspace(ws: DecodeWorkspace) -> None:
