@@ -13,6 +13,8 @@ A setting's free-running greedy answer equals dense's exactly when its arg-max i
 position, so exact agreement needs no free run; per-token agreement and the KL divergence from dense also
 measure the steps after a first difference. Float32 and one request at a time: what differs from dense is
 the selection alone, without the GPU's batch-dependent rounding that the served comparison also holds.
+A setting ending in ``exact`` (``"0.9,1.0,exact"``) is an oracle: each head's exact top-p set of the true
+logits, so what sparse attention itself changes shows apart from what the estimate's errors add.
 """
 
 from __future__ import annotations
@@ -50,16 +52,24 @@ class Setting:
     top_p: float
     temperature: float
     max_budget: float = 1.0
+    # an oracle: select by exact top-p (sort) from the true logits q.k instead of the estimate's
+    # histogram, to tell what sparse attention itself changes from what the estimate's errors add
+    exact: bool = False
 
     @property
     def label(self) -> str:
         cap = f" cap {self.max_budget:g}" if self.max_budget < 1.0 else ""
-        return f"p {self.top_p:g} t {self.temperature:g}{cap}"
+        return f"p {self.top_p:g} t {self.temperature:g}{cap}" + (" exact logits" if self.exact else "")
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """``"p,t[,cap];..."`` -> settings."""
-    return [Setting(*(float(x) for x in part.split(","))) for part in text.split(";") if part.strip()]
+    """``"p,t[,cap][,exact];..."`` -> settings (``exact``: the true-logit oracle)."""
+    out = []
+    for part in filter(str.strip, text.split(";")):
+        fields = [x.strip() for x in part.split(",")]
+        exact = fields[-1] == "exact"
+        out.append(Setting(*(float(x) for x in fields[: len(fields) - exact]), exact=exact))
+    return out
 
 
 @dataclass(frozen=True)
@@ -112,11 +122,14 @@ def decode_masks(q: torch.Tensor, keys: torch.Tensor, codes: LayerCodes, prompt_
     n, hkv = keys.shape[0], keys.shape[1]
     group = hq // hkv
     enc = encoded_lengths(prompt_len, steps, reg)
-    signs, factor = codes.upto(keys, max(enc))
-    q_u, delta, qmin = quantize_query(q, codes.rot)
-    q_bar = q_u.to(torch.float64) * delta.to(torch.float64)[..., None] + qmin.to(torch.float64)[..., None]
-    # the float form of the binary x INT4 estimate: g <2b - 1, q_bar>, equal to the integer form
-    est = torch.einsum("nhd,thgd->thgn", signs, q_bar.view(steps, hkv, group, -1)) * factor.T.double()[None, :, None]
+    if setting.exact:  # the true logits (uncentred: a constant per query head, which top-p ignores)
+        est = torch.einsum("nhd,thgd->thgn", keys.double(), q.double().view(steps, hkv, group, -1))
+    else:
+        signs, factor = codes.upto(keys, max(enc))
+        q_u, delta, qmin = quantize_query(q, codes.rot)
+        q_bar = q_u.to(torch.float64) * delta.to(torch.float64)[..., None] + qmin.to(torch.float64)[..., None]
+        # the float form of the binary x INT4 estimate: g <2b - 1, q_bar>, equal to the integer form
+        est = torch.einsum("nhd,thgd->thgn", signs, q_bar.view(steps, hkv, group, -1)) * factor.T.double()[None, :, None]
     mask = torch.zeros(hkv, steps, n, dtype=torch.bool)
     budget = torch.zeros(steps, hkv)
     for t in range(steps):
@@ -127,7 +140,8 @@ def decode_masks(q: torch.Tensor, keys: torch.Tensor, codes: LayerCodes, prompt_
         for h in range(hkv):
             if r.score_end > r.sink_end:
                 logits = est[t, h, :, r.sink_end : r.score_end] * sm_scale * setting.temperature
-                keep = select_union(logits, setting.top_p, None, setting.max_budget)
+                keep = select_union(logits, setting.top_p, None, setting.max_budget,
+                                    selector="exact" if setting.exact else "hist")
                 mask[h, t, r.sink_end : r.score_end] = keep
             budget[t, h] = mask[h, t, :length].sum() / length
     return mask, budget
@@ -260,6 +274,7 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     for s in settings:
         rs = [r["settings"][s.label] for r in rows]
         out.append({"setting": s.label, "top_p": s.top_p, "temperature": s.temperature, "max_budget": s.max_budget,
+                    "exact_logits": s.exact,
                     "exact": mean_known([float(r["exact"]) for r in rs]),
                     "token_agreement": mean_known([r["token_agreement"] for r in rs]),
                     "kl_mean": mean_known([r["kl_mean"] for r in rs]), "budget": mean_known([r["budget"] for r in rs]),
@@ -323,7 +338,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--questions", type=int, default=0, help="only the first N user questions (0: all)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--settings", type=parse_settings, default=parse_settings(DEFAULT_SETTINGS),
-                    help='"top_p,temperature[,max_budget];..."')
+                    help='"top_p,temperature[,max_budget][,exact];..." (exact: select from the true logits)')
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--encode-chunk", type=int, default=64)
@@ -339,7 +354,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.compare_only:
         result = add_prompt_keys(json.loads(Path(args.out).read_text()))
-        return finish(result, args, [Setting(r["top_p"], r["temperature"], r["max_budget"]) for r in result["summary"]])
+        return finish(result, args, [Setting(r["top_p"], r["temperature"], r["max_budget"], r.get("exact_logits", False))
+                                      for r in result["summary"]])
 
     from transformers import DynamicCache
 

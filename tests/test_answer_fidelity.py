@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval import answer_fidelity as A  # noqa: E402
 from sglang_rabitq.code_pool import layer_rotations  # noqa: E402
-from sglang_rabitq.reference import encode_keys, rabitq_decode  # noqa: E402
+from sglang_rabitq.reference import decode_regions, encode_keys, rabitq_decode  # noqa: E402
+from sglang_rabitq.reference.select import top_p_mask  # noqa: E402
 from sglang_rabitq.reference.plan import plan_decode  # noqa: E402
 
 
@@ -58,6 +59,34 @@ def test_decode_masks_are_the_reference_sets(fresh_seed):
                 assert torch.equal(got, attended[0][h].long()), (setting, t, h)
                 assert budget[t, h] == len(got) / length
         assert budget.mean() < 1.0
+
+
+def test_exact_settings_select_true_top_p_sets(fresh_seed):
+    """The oracle settings keep, per kv-head, the union of its heads' exact top-p sets of the true
+    logits over the scored region (no codes read); the sink and window stay attended."""
+    gen = torch.Generator().manual_seed(fresh_seed)
+    hq, hkv, d, prompt, steps = 4, 2, 64, 300, 12
+    n = prompt + steps
+    keys = torch.randn(n, hkv, d, generator=gen)
+    q = torch.randn(steps, hq, d, generator=gen) * 2.0
+    reg = A.Regions(sink=16, window=16, encode_chunk=8)
+    scale = d**-0.5
+    setting = A.parse_settings("0.9,1.0,exact")[0]
+    assert setting == A.Setting(0.9, 1.0, exact=True) and setting.label == "p 0.9 t 1 exact logits"
+    codes = A.LayerCodes(layer_rotations(d, fresh_seed, 3, range(hkv)), keys[:100].mean(0))
+    mask, budget = A.decode_masks(q, keys, codes, prompt, setting, reg, scale)
+    assert codes.signs.shape[0] == 0  # nothing encoded
+    enc = A.encoded_lengths(prompt, steps, reg)
+    for t in range(steps):
+        r = decode_regions(prompt + t + 1, enc[t], reg.sink, reg.window)
+        for h in range(hkv):
+            qg = q[t, h * (hq // hkv) : (h + 1) * (hq // hkv)].double()
+            logits = qg @ keys[r.sink_end : r.score_end, h].double().T * scale
+            want = top_p_mask(logits, 0.9).any(0)
+            assert torch.equal(mask[h, t, r.sink_end : r.score_end], want)
+            assert mask[h, t, : r.sink_end].all() and mask[h, t, r.score_end : prompt + t + 1].all()
+            assert 0 < want.sum() < want.numel()
+    assert budget.mean() < 1.0
 
 
 def _tiny_model():
