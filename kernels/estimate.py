@@ -8,14 +8,29 @@ where bit-planes cost 4 AND + 4 popcount (a quarter-rate instruction) per 32 dim
 sum is exact integer arithmetic, so any two kernels computing it agree to the bit.
 """
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # Triton's interpreter (CPU tests) runs no PTX: the popcount there is the portable version
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HW_POPCOUNT = not INTERPRETED
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def compiled_for(device: torch.device, min_capability: tuple[int, int]) -> bool:
+    """Whether kernels launched on ``device`` are compiled (the interpreter runs no PTX) for a GPU of
+    ``min_capability`` or newer: the gate of every instruction that older GPUs lack."""
+    if INTERPRETED or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= min_capability
 
 
 @triton.jit

@@ -4,8 +4,9 @@ A sparse layer is a chain of small launches (query, score, threshold, [cap,] att
 waiting for the one before. Launched with programmatic stream serialization (Triton's ``launch_pdl``),
 a kernel after the first may be dispatched once every program of the kernel before has exited, before
 that grid is retired; it then waits at ``griddepcontrol.wait`` (``chain_start``, its first statement)
-until the kernel before has completed and its stores are visible. Nothing of a kernel runs before that wait, so the results are those of
-plain launches, bit for bit. Under CUDA graphs the dependency is captured as a programmatic edge.
+until the kernel before has completed and its stores are visible. Nothing of a kernel runs before that
+wait, so the results are those of plain launches, bit for bit. Under CUDA graphs the dependency is
+captured as a programmatic edge.
 
 No kernel releases its dependents early (``griddepcontrol.launch_dependents``): on an H100, each
 kernel releasing the next at its start made the step 12-17 % slower at batch 1, 32K
@@ -16,30 +17,21 @@ follows SGLang's kernels and is launched plainly.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from sglang_rabitq.kernels.estimate import INTERPRETED
+from sglang_rabitq.kernels.estimate import compiled_for
 
 ENABLED = True  # False: plain launches (tests compare the two)
 MIN_CAPABILITY = (9, 0)  # griddepcontrol: Hopper on
 
 
-@functools.lru_cache(maxsize=None)
-def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= MIN_CAPABILITY
-
-
 def programmatic_launch(device: torch.device) -> bool:
-    """Whether the decode kernels on ``device`` launch as a programmatic chain: compiled (the
-    interpreter runs no PTX) on a GPU of ``MIN_CAPABILITY`` or newer, and ``ENABLED``."""
-    if not ENABLED or INTERPRETED or device.type != "cuda":
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+    """Whether the decode kernels on ``device`` launch as a programmatic chain: compiled on a GPU of
+    ``MIN_CAPABILITY`` or newer, and ``ENABLED``."""
+    return ENABLED and compiled_for(device, MIN_CAPABILITY)
 
 
 def chain_options(device: torch.device) -> dict:

@@ -14,8 +14,6 @@ No full-precision K is read.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +23,7 @@ from sglang_rabitq.kernels.estimate import (
     HW_POPCOUNT,
     block_logits,
     chunk_bounds,
+    compiled_for,
     group_pad,
     logit_constants,
     logit_rows,
@@ -84,25 +83,17 @@ SLOTS_AHEAD = True
 MMA_MIN_HEAD_DIM = 128
 
 
-@functools.lru_cache(maxsize=None)
-def _sm80(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # mma .b1 .and.popc, redux.sync: sm_80 on
-
-
-def _compiled_sm80(compiled: bool, device: torch.device) -> bool:
-    if not (compiled and device.type == "cuda"):
-        return False
-    return _sm80(device.index if device.index is not None else torch.cuda.current_device())
+SM80 = (8, 0)  # mma .b1 .and.popc, redux.sync: sm_80 on
 
 
 def mma_estimate(device: torch.device) -> bool:
     """Whether the score pass estimates on the tensor cores: compiled (not interpreted) on sm_80 or newer."""
-    return _compiled_sm80(MMA, device)
+    return MMA and compiled_for(device, SM80)
 
 
 def ballot_histogram(device: torch.device) -> bool:
     """Whether the score pass may count by warp ballots: compiled (not interpreted) on sm_80 or newer."""
-    return _compiled_sm80(BALLOT, device)
+    return BALLOT and compiled_for(device, SM80)
 
 
 @triton.jit
