@@ -71,7 +71,8 @@ def worker(tree: Path, cfgs: list[dict], top_p: float, out: Path, per_kernel: bo
     rows, outputs = [], []
     for cfg in cfgs:
         hq, hkv, d = parse_shape(cfg["shape"])
-        s = Setup(hq, hkv, d, cfg["context"], cfg["batch"], device="cuda" if cuda else "cpu")
+        s = Setup(hq, hkv, d, cfg["context"], cfg["batch"], device="cuda" if cuda else "cpu",
+                  key_bits=cfg.get("key_bits", 1))
         s.plant(cfg["target_budget"])
         step = s.ours(top_p, max_budget=cfg["max_budget"])
         step()
@@ -114,7 +115,9 @@ def compare(base: dict, head: dict) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = ["# Decode step A/B (one layer, CUDA-graph replay, us)", "",
              f"{result['gpu']}, {result['date']}. Command: `{result['command']}`", "",
-             f"base: `{result['base']}`; head: `{result['head']}`", "",
+             f"base: `{result['base']}`; head: `{result['head']}`"
+             + "".join(f"; {side} key codes: {result.get(f'{side}_key_bits', 1)} bits per dimension"
+                       for side in ("base", "head") if result.get(f"{side}_key_bits", 1) != 1), "",
              "| shape | context | batch | budget base / head | base us | head us | speedup | max abs diff |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -144,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--budgets", type=S.csv_list(float), default=[0.3])
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--max-budget", type=float, default=1.0, help="the cap on each kv-head's union (--rabitq-max-budget)")
+    ap.add_argument("--base-key-bits", type=int, default=1, help="bits per dimension of the base side's key codes")
+    ap.add_argument("--head-key-bits", type=int, default=1, help="bits per dimension of the head side's key codes")
     ap.add_argument("--out", type=Path, default=ROOT / "eval/results/ab_step.json")
     ap.add_argument("--per-kernel", action="store_true", help="also each kernel's device time (GPU only)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -160,11 +165,13 @@ def main(argv=None):
     cfgs = configs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for side, tree in (("base", args.base), ("head", args.head)):
+    for side, tree, bits in (("base", args.base, args.base_key_bits), ("head", args.head, args.head_key_bits)):
         scratch = args.out.with_suffix(f".{side}.pt")
-        runs[side] = run_tree(tree, cfgs, args.top_p, scratch, args.per_kernel)
+        side_cfgs = [dict(c, key_bits=bits) for c in cfgs] if bits != 1 else cfgs
+        runs[side] = run_tree(tree, side_cfgs, args.top_p, scratch, args.per_kernel)
         scratch.unlink()
     result = {**S.env_info(), "base": runs["base"]["kernels"], "head": runs["head"]["kernels"], "top_p": args.top_p,
+              "base_key_bits": args.base_key_bits, "head_key_bits": args.head_key_bits,
               "rows": compare(runs["base"], runs["head"])}
     S.write_json(args.out, result)
     table = markdown(result)

@@ -40,7 +40,7 @@ from eval import tasks as T  # noqa: E402
 from eval.server import csv_list, flag_value, mean_known  # noqa: E402
 from sglang_rabitq.code_pool import layer_rotations  # noqa: E402
 from sglang_rabitq.config import RaBitQConfig  # noqa: E402
-from sglang_rabitq.reference import decode_regions, encode_keys, quantize_query, unpack_bits  # noqa: E402
+from sglang_rabitq.reference import code_values, decode_regions, encode_keys, quantize_query  # noqa: E402
 from sglang_rabitq.reference.decode import select_union  # noqa: E402
 
 ATTENTION = "rabitq_answer_fidelity"
@@ -55,20 +55,25 @@ class Setting:
     # an oracle: select by exact top-p (sort) from the true logits q.k instead of the estimate's
     # histogram, to tell what sparse attention itself changes from what the estimate's errors add
     exact: bool = False
+    key_bits: int = 1  # bits per dimension of the key codes (--rabitq-key-bits)
 
     @property
     def label(self) -> str:
         cap = f" cap {self.max_budget:g}" if self.max_budget < 1.0 else ""
-        return f"p {self.top_p:g} t {self.temperature:g}{cap}" + (" exact logits" if self.exact else "")
+        bits = f" {self.key_bits}-bit keys" if self.key_bits > 1 else ""
+        return f"p {self.top_p:g} t {self.temperature:g}{cap}" + (" exact logits" if self.exact else bits)
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """``"p,t[,cap][,exact];..."`` -> settings (``exact``: the true-logit oracle)."""
+    """``"p,t[,cap][,exact|,bB];..."`` -> settings (``exact``: the true-logit oracle; ``b2``: 2-bit keys)."""
     out = []
     for part in filter(str.strip, text.split(";")):
         fields = [x.strip() for x in part.split(",")]
-        exact = fields[-1] == "exact"
-        out.append(Setting(*(float(x) for x in fields[: len(fields) - exact]), exact=exact))
+        tail = fields[-1]
+        exact, coded = tail == "exact", tail.startswith("b")
+        nums = fields[:-1] if exact or coded else fields
+        bits = int(tail[1:]) if coded else 1
+        out.append(Setting(*(float(x) for x in nums), exact=exact, key_bits=bits))
     return out
 
 
@@ -92,25 +97,31 @@ def encoded_lengths(prompt_len: int, steps: int, reg: Regions) -> list[int]:
 
 
 class LayerCodes:
-    """One sparse layer's codes of the cached keys, kept as +-1 signs (float64) and factors, encoded on
-    first use and cut back with the cache."""
+    """One sparse layer's codes of the cached keys, per bits per dimension: each key's code values
+    (``reference.code_values``: +-1 signs for one bit; float64) and factors, encoded on first use and
+    cut back with the cache."""
 
     def __init__(self, rot: torch.Tensor, center: torch.Tensor):
         self.rot, self.center = rot, center
-        self.signs = torch.empty(0, rot.shape[0], rot.shape[1], dtype=torch.float64)
-        self.factor = torch.empty(0, rot.shape[0], dtype=torch.float32)
+        self.values: dict[int, torch.Tensor] = {}
+        self.factors: dict[int, torch.Tensor] = {}
 
-    def upto(self, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signs ``[n, Hkv, D]`` and factors ``[n, Hkv]`` of ``keys [>= n, Hkv, D]``."""
-        have = self.signs.shape[0]
+    def upto(self, keys: torch.Tensor, n: int, bits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code values ``[n, Hkv, D]`` and factors ``[n, Hkv]`` of ``keys [>= n, Hkv, D]``: the
+        estimate of ``<q, k_c>`` is ``factor <values, q'>``."""
+        hkv, d = self.rot.shape[0], self.rot.shape[1]
+        values = self.values.get(bits, torch.empty(0, hkv, d, dtype=torch.float64))
+        factor = self.factors.get(bits, torch.empty(0, hkv, dtype=torch.float32))
+        have = values.shape[0]
         if n > have:
-            codes, factor = encode_keys(keys[have:n], self.rot, self.center)
-            self.signs = torch.cat([self.signs, unpack_bits(codes).to(torch.float64) * 2 - 1])
-            self.factor = torch.cat([self.factor, factor])
-        return self.signs[:n], self.factor[:n]
+            codes, f = encode_keys(keys[have:n], self.rot, self.center, bits)
+            v = code_values(codes, d)
+            self.values[bits], self.factors[bits] = torch.cat([values, v]), torch.cat([factor, f])
+        return self.values[bits][:n], self.factors[bits][:n]
 
     def truncate(self, n: int) -> None:
-        self.signs, self.factor = self.signs[:n], self.factor[:n]
+        for bits in self.values:
+            self.values[bits], self.factors[bits] = self.values[bits][:n], self.factors[bits][:n]
 
 
 def decode_masks(q: torch.Tensor, keys: torch.Tensor, codes: LayerCodes, prompt_len: int, setting: Setting,
@@ -125,10 +136,11 @@ def decode_masks(q: torch.Tensor, keys: torch.Tensor, codes: LayerCodes, prompt_
     if setting.exact:  # the true logits (uncentred: a constant per query head, which top-p ignores)
         est = torch.einsum("nhd,thgd->thgn", keys.double(), q.double().view(steps, hkv, group, -1))
     else:
-        signs, factor = codes.upto(keys, max(enc))
+        signs, factor = codes.upto(keys, max(enc), setting.key_bits)
         q_u, delta, qmin = quantize_query(q, codes.rot)
         q_bar = q_u.to(torch.float64) * delta.to(torch.float64)[..., None] + qmin.to(torch.float64)[..., None]
         # the float form of the binary x INT4 estimate: g <2b - 1, q_bar>, equal to the integer form
+        # (more bits: g <y, q_bar> over the odd grid values y)
         est = torch.einsum("nhd,thgd->thgn", signs, q_bar.view(steps, hkv, group, -1)) * factor.T.double()[None, :, None]
     mask = torch.zeros(hkv, steps, n, dtype=torch.bool)
     budget = torch.zeros(steps, hkv)
@@ -274,7 +286,7 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     for s in settings:
         rs = [r["settings"][s.label] for r in rows]
         out.append({"setting": s.label, "top_p": s.top_p, "temperature": s.temperature, "max_budget": s.max_budget,
-                    "exact_logits": s.exact,
+                    "exact_logits": s.exact, "key_bits": s.key_bits,
                     "exact": mean_known([float(r["exact"]) for r in rs]),
                     "token_agreement": mean_known([r["token_agreement"] for r in rs]),
                     "kl_mean": mean_known([r["kl_mean"] for r in rs]), "budget": mean_known([r["budget"] for r in rs]),
@@ -354,8 +366,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.compare_only:
         result = add_prompt_keys(json.loads(Path(args.out).read_text()))
-        return finish(result, args, [Setting(r["top_p"], r["temperature"], r["max_budget"], r.get("exact_logits", False))
-                                      for r in result["summary"]])
+        return finish(result, args, [Setting(r["top_p"], r["temperature"], r["max_budget"],
+                                             r.get("exact_logits", False), r.get("key_bits", 1))
+                                     for r in result["summary"]])
 
     from transformers import DynamicCache
 

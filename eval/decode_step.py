@@ -73,7 +73,7 @@ def kernel_times(fn, reps: int = 20) -> dict:
 class Setup:
     """A batch of ``bs`` requests of ``ctx`` tokens each, K/V in a pool of page size 1 (seeded)."""
 
-    def __init__(self, hq, hkv, d, ctx, bs, seed=0, device="cuda"):
+    def __init__(self, hq, hkv, d, ctx, bs, seed=0, device="cuda", key_bits=1):
         torch.manual_seed(seed)
         n = ctx * bs + 1
         self.hq, self.hkv, self.d, self.ctx, self.bs = hq, hkv, d, ctx, bs
@@ -83,7 +83,9 @@ class Setup:
         self.r2t = (torch.arange(bs * ctx, device=device, dtype=torch.int32) + 1).view(bs, ctx)
         self.rot = random_rotation(d, seed=1, num_heads=hkv).to(device)
         self.center = torch.zeros(hkv, d, device=device)
-        if hasattr(rabitq_kernels, "code_buffers"):  # the layout the tree's code pool allocates
+        if key_bits != 1:  # (only then: a tree from before multi-bit codes takes no bits)
+            self.codes, self.factor = rabitq_kernels.code_buffers(n, hkv, d, device, bits=key_bits)
+        elif hasattr(rabitq_kernels, "code_buffers"):  # the layout the tree's code pool allocates
             self.codes, self.factor = rabitq_kernels.code_buffers(n, hkv, d, device)
         else:  # a tree from before the kv-head-major layout: its kernels read factors slot-major only
             self.codes = torch.zeros(n, hkv, d // 32, dtype=torch.int32, device=device)

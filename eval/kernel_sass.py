@@ -54,14 +54,17 @@ POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_pt
                  "key_table_ptr": "*i64"}  # the layers' key buffers, as addresses
 
 
-def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num_warps: int = 4, mma: bool = True):
+def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num_warps: int = 4, mma: bool = True,
+                key_bits: int = 1):
     """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request;
-    ``mma``: the score pass's estimate on the tensor cores, else the nibble table)."""
+    ``mma``: the score pass's estimate on the tensor cores, else the nibble table, as for ``key_bits``
+    > 1: bits per dimension of the key codes)."""
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma, W=num_warps, R=MMA_ROUNDS,
-                      AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True, PDL=True)
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma and key_bits == 1,
+                      W=num_warps, R=MMA_ROUNDS, AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True, KEY_BITS=key_bits,
+                      PDL=True)
         return _score_kernel, consts
     if name == "attention":
         launch = attention_launch(group, head_dim)
@@ -69,16 +72,17 @@ def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num
                       PLAN_FIELDS=6, DOT_F32=False, OFFS32=True, PDL=True)
         return _sparse_attention_kernel, consts
     if name == "encode":
-        return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
+        return _encode_kernel, dict(D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, KEY_BITS=key_bits)
     if name == "encode_layers":  # bf16 keys
-        return _encode_layers_kernel, dict(K_DTYPE=tl.bfloat16, D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D)
+        return _encode_layers_kernel, dict(K_DTYPE=tl.bfloat16, D=head_dim, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D,
+                                           KEY_BITS=key_bits)
     if name in ("query", "query_head"):
         # with the sink/window mass of top-p over the context and the lazy encode at the default chunk;
         # a group a program ("query", query_heads_per_program at large batches) or one head
         hpp = group if name == "query" else 1
         return _prepare_query_kernel, dict(HQ=32, GROUP=group, D=head_dim, WPE=table_words(group), RANDOM=False, PRIOR=True, PLAN_FIELDS=6,
                                            BLOCK_K=PRIOR_BLOCK, CHUNK=64, ENC_N=ENCODE_BLOCK_N, ENC_D=ENCODE_BLOCK_D,
-                                           HPP=hpp, HPP_P=triton.next_power_of_2(hpp))
+                                           KEY_BITS=key_bits, HPP=hpp, HPP_P=triton.next_power_of_2(hpp))
     if name == "threshold":
         return _threshold_kernel, {**threshold_constexprs(num_chunks), "PRIOR": True, "PDL": True}
     if name == "merge":  # the chunks' partials and the sink/window program's
@@ -163,8 +167,10 @@ def main():
     ap.add_argument("--resources", action="store_true", help="also print registers, spills and shared memory")
     ap.add_argument("--table", action="store_true", help="score: the nibble-table estimate instead of the tensor cores'")
     ap.add_argument("--stores", action="store_true", help="also print the kernel's global stores by width")
+    ap.add_argument("--key-bits", type=int, default=1, help="bits per dimension of the key codes (--rabitq-key-bits)")
     args = ap.parse_args()
-    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks, args.num_warps, not args.table)
+    fn, consts = kernel_spec(args.kernel, args.group, args.head_dim, args.num_chunks, args.num_warps, not args.table,
+                             args.key_bits)
     maxnreg = args.maxnreg or (score_max_registers(args.group) if args.kernel == "score" else None)
     compiled = compile_kernel(fn, consts, args.num_warps, args.arch, set(filter(None, args.not_aligned.split(","))),
                               maxnreg)

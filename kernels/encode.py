@@ -1,4 +1,5 @@
-"""Encode keys of given KV-pool slots into 1-bit codes + fused factor (reference: ``encode_keys``).
+"""Encode keys of given KV-pool slots into codes of 1-4 bits per dimension + fused factor (reference:
+``encode_keys``; the bits are the code buffer's: its last dimension holds ``bits * D / 32`` words).
 
 ``encode_block`` is the body: the kernels here run it over a slot list, for one layer
 (``encode_slots``) or for every sparse layer in one launch (``encode_slots_all_layers``: a forward
@@ -12,21 +13,33 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_rabitq.reference.codes import KEY_BITS, LEVEL_SCALES
+
 ENCODE_BLOCK_N = 64  # keys per program (one lazy-encode chunk of a request at the default chunk size)
 ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
 ENCODE_WARPS = 4
 KEY_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+SCALES = tl.constexpr(LEVEL_SCALES)
 
 
-def code_buffers(num_slots: int, num_kv_heads: int, head_dim: int, device, num_layers: int | None = None):
-    """Zeroed codes ``[(L,) slots, H, D / 32] int32`` and factors ``[(L,) slots, H] float32``, indexed by
+def key_bits_of(codes: torch.Tensor, head_dim: int) -> int:
+    """Bits per dimension of a code buffer ``[..., bits * D / 32]``."""
+    bits, rest = divmod(codes.shape[-1], head_dim // 32)
+    if rest or bits not in KEY_BITS:
+        raise ValueError(f"codes of {codes.shape[-1]} words do not hold 1-4 bits per dimension at head dim {head_dim}")
+    return bits
+
+
+def code_buffers(num_slots: int, num_kv_heads: int, head_dim: int, device, num_layers: int | None = None,
+                 bits: int = 1):
+    """Zeroed codes ``[(L,) slots, H, bits * D / 32] int32`` and factors ``[(L,) slots, H] float32``, indexed by
     slot then kv-head as every kernel here takes them (through strides), stored kv-head-major: each
     kv-head's slots are contiguous, so a run of consecutive slots is one contiguous read for the score
     pass (a 16-token tile's codes: 256 B at D 128, not 16 B pieces 128 B apart at 8 kv-heads; its
     factors 64 B, not 4 B pieces 32 B apart). Score launch 235 -> 198 us on the Llama-3.1-8B shape at
     32K, batch 32 (H100, ``bench_kernels.py --breakdown``: ``score_kv_major``)."""
     lead = () if num_layers is None else (num_layers,)
-    codes = torch.zeros(*lead, num_kv_heads, num_slots, head_dim // 32, dtype=torch.int32, device=device)
+    codes = torch.zeros(*lead, num_kv_heads, num_slots, bits * head_dim // 32, dtype=torch.int32, device=device)
     factor = torch.zeros(*lead, num_kv_heads, num_slots, dtype=torch.float32, device=device)
     return codes.transpose(-3, -2), factor.transpose(-2, -1)
 
@@ -34,9 +47,10 @@ def code_buffers(num_slots: int, num_kv_heads: int, head_dim: int, device, num_l
 @triton.jit
 def encode_block(
     k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, h, stride_kn, stride_kh, stride_cn, stride_ch, stride_fn,
-    stride_fh, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_fh, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
-    """Encode kv-head ``h`` of the keys at ``slots [BLOCK_N]`` (int64; < 0 skipped)."""
+    """Encode kv-head ``h`` of the keys at ``slots [BLOCK_N]`` (int64; < 0 skipped) into ``KEY_BITS``
+    bit-planes."""
     valid = slots >= 0  # -1 marks padding in fixed-size (CUDA-graph) slot lists
     # a decode step's lazy-encode list is all padding on most steps: nothing to do then
     if tl.max(valid.to(tl.int32), axis=0) > 0:
@@ -54,26 +68,54 @@ def encode_block(
             norm_sq += tl.sum(kc * kc, axis=1)
             rot = tl.load(rot_ptr + h * D * D + offs_d[:, None] * D + offs_o[None, :])
             o = tl.dot(kc, rot, o, input_precision="ieee")
-        l1 = tl.sum(tl.abs(o), axis=1)
-        factor = tl.where(l1 > 0, norm_sq / tl.where(l1 > 0, l1, 1.0), 0.0)
-        # pack: bit d -> word d // 32, position d % 32 (distinct bits: the sum is an OR, wrap included)
-        bits = tl.reshape((o > 0).to(tl.int32), (BLOCK_N, WORDS, 32))
-        words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+        if KEY_BITS == 1:
+            levels = (o > 0).to(tl.int32)
+            dot = tl.sum(tl.abs(o), axis=1)  # <2b - 1, o>
+        else:
+            levels = grid_levels(o, KEY_BITS)
+            dot = tl.sum((2 * levels - (2**KEY_BITS - 1)).to(tl.float32) * o, axis=1)
+        factor = tl.where(dot > 0, norm_sq / tl.where(dot > 0, dot, 1.0), 0.0)
         offs_w = tl.arange(0, WORDS)
-        tl.store(code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :], words, mask=valid[:, None])
+        code = code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :]
+        for j in tl.static_range(KEY_BITS):
+            # plane j: bit d -> word j * WORDS + d // 32, position d % 32 (distinct bits: the sum is an OR)
+            bits = tl.reshape((levels >> j) & 1, (BLOCK_N, WORDS, 32))
+            words = tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+            tl.store(code + j * WORDS, words, mask=valid[:, None])
         tl.store(factor_ptr + slots * stride_fn + h * stride_fh, factor, mask=valid)
+
+
+@triton.jit
+def grid_levels(o, KEY_BITS: tl.constexpr):
+    """Levels ``[BLOCK_N, D]`` int32 in ``[0, 2^KEY_BITS)`` of the rotated keys ``o``: the uniform grid
+    at the one of ``LEVEL_SCALES`` scales closest in angle to each key (reference: ``grid_levels``)."""
+    HALF: tl.constexpr = 2 ** (KEY_BITS - 1)
+    amax = tl.max(tl.abs(o), axis=1)
+    inv = tl.where(amax > 0, 1.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    best_cos = tl.full(amax.shape, -2.0, tl.float32)
+    best_t = tl.zeros_like(amax)
+    for i in range(SCALES):
+        t = (0.5 + 2.0 * i / (SCALES - 1)) * HALF
+        u = tl.minimum(tl.maximum(tl.floor(o * (t * inv)[:, None]), -HALF), HALF - 1)
+        y = 2.0 * u + 1.0
+        cos = tl.sum(y * o, axis=1) / tl.sqrt(tl.sum(y * y, axis=1))  # ||o|| is common to every scale
+        take = cos > best_cos
+        best_cos = tl.where(take, cos, best_cos)
+        best_t = tl.where(take, t, best_t)
+    u = tl.minimum(tl.maximum(tl.floor(o * (best_t * inv)[:, None]), -HALF), HALF - 1)
+    return u.to(tl.int32) + HALF
 
 
 @triton.jit(do_not_specialize=["n_slots"])  # per-batch sizes: one compile (package doc)
 def _encode_kernel(
     k_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
     stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
     encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, tl.program_id(1),
-                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, BLOCK_N, BLOCK_D)
+                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, BLOCK_N, BLOCK_D, KEY_BITS)
 
 
 def encode_slots(
@@ -95,7 +137,7 @@ def encode_slots(
     _encode_kernel[(triton.cdiv(n, ENCODE_BLOCK_N), h)](
         k_buf, slots, rot, center, codes, factor, n,
         k_buf.stride(0), k_buf.stride(1), codes.stride(0), codes.stride(1), factor.stride(0), factor.stride(1),
-        D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
+        D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, KEY_BITS=key_bits_of(codes, d), num_warps=ENCODE_WARPS,
     )
 
 
@@ -103,7 +145,7 @@ def encode_slots(
 def _encode_layers_kernel(
     key_table_ptr, slot_ptr, rot_ptr, center_ptr, code_ptr, factor_ptr, n_slots,
     stride_kn, stride_kh, stride_cl, stride_cn, stride_ch, stride_fl, stride_fn, stride_fh,
-    K_DTYPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_DTYPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     layer = tl.program_id(2).to(tl.int64)  # (a layer's code buffer may pass 2^31 elements)
     heads = tl.num_programs(1)
@@ -114,7 +156,7 @@ def _encode_layers_kernel(
     slots = tl.load(slot_ptr + offs_n, mask=offs_n < n_slots, other=-1).to(tl.int64)
     encode_block(k_ptr, slots, rot_ptr + layer * heads * D * D, center_ptr + layer * heads * D,
                  code_ptr + layer * stride_cl, factor_ptr + layer * stride_fl, tl.program_id(1),
-                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, BLOCK_N, BLOCK_D)
+                 stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, BLOCK_N, BLOCK_D, KEY_BITS)
 
 
 def key_pointers(k_bufs: list[torch.Tensor]) -> torch.Tensor:
@@ -152,5 +194,6 @@ def encode_slots_all_layers(
         k_ptrs, slots, rot, center, codes, factor, n,
         k_like.stride(0), k_like.stride(1), codes.stride(0), codes.stride(1), codes.stride(2),
         factor.stride(0), factor.stride(1), factor.stride(2),
-        K_DTYPE=KEY_DTYPES[k_like.dtype], D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D, num_warps=ENCODE_WARPS,
+        K_DTYPE=KEY_DTYPES[k_like.dtype], D=d, BLOCK_N=ENCODE_BLOCK_N, BLOCK_D=ENCODE_BLOCK_D,
+        KEY_BITS=key_bits_of(codes, d), num_warps=ENCODE_WARPS,
     )

@@ -1,5 +1,6 @@
 """The binary x INT4 estimate of a block of tokens (reference: ``estimate_int`` times the softmax
-scale), computed once per decode step by the score pass.
+scale), computed once per decode step by the score pass; codes of more bits per dimension sum it over
+their bit-planes, weighted ``2^j``.
 
 ``<b, q_u>`` comes from the query's nibble table (``query_nibble_table``): each 4-bit nibble of a
 code indexes a 16-entry table that holds, in one byte per query head of the group, the sum of
@@ -46,10 +47,11 @@ def popcount(x, HW: tl.constexpr):
 
 
 @triton.jit
-def _add_nibble_sums(lo, hi, cw, table, w, half):
+def _add_nibble_sums(lo, hi, cw, table, w, half, plane):
     """Add the table entries of 4 nibbles of the code words ``cw`` (bits ``16 half`` to ``16 half +
-    15`` of word ``w``) to the 16-bit lanes ``lo`` (heads 0, 2, ..) and ``hi`` (heads 1, 3, ..).
-    Four entries of at most 60 per byte fit a byte; then the bytes widen."""
+    15`` of word ``w`` of bit-plane ``plane``), times ``2^plane``, to the 16-bit lanes ``lo`` (heads 0,
+    2, ..) and ``hi`` (heads 1, 3, ..). Four entries of at most 60 per byte fit a byte; then the bytes
+    widen (a lane's total, at most ``15 (2^bits - 1) D`` = 28800 at 4 bits, D 128, fits 16 bits)."""
     acc = tl.zeros_like(lo)
     for k in tl.static_range(4):
         # unsigned: the index needs no sign extension to address
@@ -59,7 +61,7 @@ def _add_nibble_sums(lo, hi, cw, table, w, half):
         even_bytes = tl.full((), 0x00FF00FF00FF00FF, tl.int64)
     else:
         even_bytes = tl.full((), 0x00FF00FF, tl.int32)
-    return lo + (acc & even_bytes), hi + ((acc >> 8) & even_bytes)
+    return lo + ((acc & even_bytes) << plane), hi + (((acc >> 8) & even_bytes) << plane)
 
 
 @triton.jit
@@ -84,10 +86,11 @@ def offsets_fit_32(*buffers) -> bool:
 def block_logits(
     codes_ptr, factor_ptr, slots, valid, stride_cn, stride_fn,
     table, offs_g, a, b, c,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, HW: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     """Estimated logits ``[GP, BLOCK_N]`` (query heads x tokens) of the tokens at ``slots``:
-    ``g * (a <b, q_u> + b popcount(b) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``.
+    ``g * (a <u, q_u> + b sum(u) + c)`` with the per-head ``(a, b, c)`` of ``logit_constants``, over
+    the levels ``u`` of ``KEY_BITS`` bit-planes (one bit: ``u = b``, ``sum(u) = popcount(b)``).
 
     ``codes_ptr``, ``factor_ptr``: the kv-head's codes and factors (``codes[:, hkv]``, ``factor[:, hkv]``);
     ``slots``: as ``slot_offsets`` gives them. ``table``: the kv-head's ``query_nibble_table`` entries ``[D // 4, 16]``, each one int32 or
@@ -98,11 +101,13 @@ def block_logits(
     ones = tl.zeros((BLOCK_N,), tl.int32)
     lo = tl.zeros((BLOCK_N,), table.dtype.element_ty)
     hi = tl.zeros((BLOCK_N,), table.dtype.element_ty)
-    for w in tl.static_range(WORDS):
-        cw = tl.load(code + w, mask=valid, other=0)  # an invalid token's nibbles are 0: entry 0 is 0
-        ones += popcount(cw, HW)
-        for half in tl.static_range(2):
-            lo, hi = _add_nibble_sums(lo, hi, cw, table, w, half)
+    for j in tl.static_range(KEY_BITS):
+        for w in tl.static_range(WORDS):
+            # an invalid token's nibbles are 0: entry 0 is 0
+            cw = tl.load(code + j * WORDS + w, mask=valid, other=0)
+            ones += popcount(cw, HW) << j
+            for half in tl.static_range(2):
+                lo, hi = _add_nibble_sums(lo, hi, cw, table, w, half, j)
     # head g: lane g // 2 (16 bits each) of lo (g even) or hi (g odd)
     src = tl.where((offs_g % 2 == 0)[:, None], lo[None, :], hi[None, :])
     b_dot_q = ((src >> (16 * (offs_g // 2)).to(src.dtype)[:, None]) & 0xFFFF).to(tl.int32)
@@ -123,13 +128,14 @@ def table_entries(table_ptr, b, hkv, HKV, D: tl.constexpr, WPE: tl.constexpr):
 
 
 @triton.jit
-def logit_constants(qscal_ptr, qrows, gmask, sm_scale, D: tl.constexpr):
-    """Per query head ``(a, b, c) [GP]``: the logit ``sm_scale * g * (2 delta <b, q_u> + 2 min popcount(b)
-    - delta sum(q_u) - D min)`` is ``g * (a <b, q_u> + b popcount(b) + c)``."""
+def logit_constants(qscal_ptr, qrows, gmask, sm_scale, D: tl.constexpr, KEY_BITS: tl.constexpr = 1):
+    """Per query head ``(a, b, c) [GP]``: the logit ``sm_scale * g * (2 delta <u, q_u> + 2 min sum(u)
+    - (2^bits - 1)(delta sum(q_u) + D min))`` is ``g * (a <u, q_u> + b sum(u) + c)``."""
     delta = tl.load(qscal_ptr + qrows * 3 + 0, mask=gmask, other=0.0)
     qmin = tl.load(qscal_ptr + qrows * 3 + 1, mask=gmask, other=0.0)
     qsum = tl.load(qscal_ptr + qrows * 3 + 2, mask=gmask, other=0.0)
-    return 2.0 * delta * sm_scale, 2.0 * qmin * sm_scale, -(delta * qsum + D * qmin) * sm_scale
+    top: tl.constexpr = 2**KEY_BITS - 1
+    return 2.0 * delta * sm_scale, 2.0 * qmin * sm_scale, -(delta * qsum + D * qmin) * (top * sm_scale)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block
+from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block, key_bits_of
 from sglang_rabitq.kernels.estimate import table_entries, table_words
 
 PRIOR_BLOCK = 64  # keys per block of the sink/window mass
@@ -31,7 +31,8 @@ def _prepare_query_kernel(
     pending_ptr, code_ptr, factor_ptr, stride_cn, stride_ch, stride_fn, stride_fh,
     HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, WPE: tl.constexpr, RANDOM: tl.constexpr,
     PRIOR: tl.constexpr, PLAN_FIELDS: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr, HPP: tl.constexpr, HPP_P: tl.constexpr,
+    CHUNK: tl.constexpr, ENC_N: tl.constexpr, ENC_D: tl.constexpr, KEY_BITS: tl.constexpr,
+    HPP: tl.constexpr, HPP_P: tl.constexpr,
 ):
     b = tl.program_id(0)
     h0 = tl.program_id(1) * HPP  # this program's first query head
@@ -108,7 +109,8 @@ def _prepare_query_kernel(
                 offs_j = j0 + tl.arange(0, ENC_N)
                 slots = tl.load(pending_ptr + b * CHUNK + offs_j, mask=offs_j < CHUNK, other=-1).to(tl.int64)
                 encode_block(k_ptr, slots, rot_ptr, center_ptr, code_ptr, factor_ptr, hkv,
-                             stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, ENC_N, ENC_D)
+                             stride_kn, stride_kh, stride_cn, stride_ch, stride_fn, stride_fh, D, ENC_N, ENC_D,
+                             KEY_BITS)
 
 
 def query_heads_per_program(bsz: int, num_q_heads: int, num_kv_heads: int, num_sms: int) -> int:
@@ -171,5 +173,6 @@ def prepare_query(
         HQ=hq, GROUP=group, D=d, WPE=table_words(group), RANDOM=random,
         PRIOR=with_prior, PLAN_FIELDS=plan.shape[1] if with_prior else 1, BLOCK_K=PRIOR_BLOCK,
         CHUNK=chunk, ENC_N=min(ENCODE_BLOCK_N, triton.next_power_of_2(max(chunk, 1))), ENC_D=ENCODE_BLOCK_D,
+        KEY_BITS=key_bits_of(codes, d) if encoding else 1,
         HPP=heads_per_program, HPP_P=triton.next_power_of_2(heads_per_program),
     )

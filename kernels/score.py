@@ -32,6 +32,7 @@ from sglang_rabitq.kernels.estimate import (
     table_entries,
     table_words,
 )
+from sglang_rabitq.kernels.encode import key_bits_of
 from sglang_rabitq.kernels.histogram import BALLOT, ballot_counts, counts_by_key, key_masks
 from sglang_rabitq.kernels.launch_chain import chain_options, chain_start
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
@@ -116,7 +117,7 @@ def _score_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, HBLOCK: tl.constexpr,
     NB: tl.constexpr, BIN_W: tl.constexpr, PLAN_FIELDS: tl.constexpr, WPE: tl.constexpr, HW: tl.constexpr,
     MMA: tl.constexpr, W: tl.constexpr, R: tl.constexpr, AHEAD: tl.constexpr, BALLOT_HIST: tl.constexpr,
-    OFFS32: tl.constexpr, PDL: tl.constexpr,
+    OFFS32: tl.constexpr, KEY_BITS: tl.constexpr, PDL: tl.constexpr,
 ):
     chain_start(PDL)
     b = tl.program_id(0)
@@ -139,7 +140,7 @@ def _score_kernel(
         m = mma_chunk_logits(codes_kv, factor_kv, r2t_ptr + rpi * stride_r2t, logit_base, head_row, qscal_ptr, table,
                              start, end, b, hkv, HQ, stride_cn, stride_fn, sm_scale, GROUP, GP, D, W, R, AHEAD, OFFS32)
     else:
-        k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D)
+        k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D, KEY_BITS)
         # running max per (head, column), reduced across columns once after the loop
         col_max = tl.full((GP, BLOCK_N), float("-inf"), tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
@@ -154,7 +155,7 @@ def _score_kernel(
             else:
                 slots = slot_offsets(tl.load(r2t_ptr + rpi * stride_r2t + pos, mask=valid, other=0), OFFS32)
             lg = block_logits(codes_kv, factor_kv, slots, valid, stride_cn, stride_fn,
-                              table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW)
+                              table, offs_g, k_dot, k_ones, k_0, D, BLOCK_N, HW, KEY_BITS)
             lg = lg.to(tl.float16)  # the stored value is the one selected on: bin and max follow it
             tl.store(logit_ptr + rows[:, None] + pos[None, :], lg, mask=gmask[:, None] & valid[None, :])
             col_max = tl.maximum(col_max, lg.to(tl.float32))
@@ -241,8 +242,8 @@ def score_chunks(
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
     the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
-    D >= ``MMA_MIN_HEAD_DIM``; ``mma_rounds``: 16-token tiles per warp an iteration there;
-    ``slots_ahead``: each block's slots load with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
+    D >= ``MMA_MIN_HEAD_DIM``, for one-bit codes only (it reads one bit-plane: more take the table);
+    ``mma_rounds``: 16-token tiles per warp an iteration there; ``slots_ahead``: each block's slots load with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
     up to ``HEADS_AT_ONCE_FROM`` heads count their histograms by warp ballots (``kernels.histogram``)
     where compiled, else with ``tl.histogram``; ``max_registers``: default ``score_max_registers``."""
     bsz, hq = qscal.shape[:2]
@@ -255,7 +256,9 @@ def score_chunks(
         raise ValueError(f"qtable {tuple(qtable.shape)} is not a query_nibble_table of {hq}/{num_kv_heads} heads")
     if bsz * hq * nc > stats.capacity:
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
+    bits = key_bits_of(codes, d)
     use_mma = (d >= MMA_MIN_HEAD_DIM and mma_estimate(codes.device)) if mma is None else mma
+    use_mma = use_mma and bits == 1  # the tensor cores' estimate reads one bit-plane
     warps = num_warps or score_num_warps(group, d)
     _score_kernel[(bsz, num_kv_heads, nc)](
         qtable, qscal, codes, factor, req_to_token, plan, logits,
@@ -264,7 +267,8 @@ def score_chunks(
         GROUP=group, GP=group_pad(group), D=d, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N,
         NB=HIST_BINS, BIN_W=BIN_WIDTH, PLAN_FIELDS=plan.shape[1], WPE=table_words(group), HW=HW_POPCOUNT,
         MMA=use_mma, W=warps, R=mma_rounds, AHEAD=slots_ahead,
-        BALLOT_HIST=ballot and ballot_histogram(codes.device), OFFS32=offsets_fit_32(codes, factor), num_warps=warps,
+        BALLOT_HIST=ballot and ballot_histogram(codes.device), OFFS32=offsets_fit_32(codes, factor), KEY_BITS=bits,
+        num_warps=warps,
         maxnreg=max_registers or score_max_registers(group), **chain_options(codes.device),
     )
 

@@ -9,6 +9,7 @@ import logging
 import os
 
 from sglang_rabitq.config import AUTO_DENSE_KV_BYTES, CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig
+from sglang_rabitq.reference.codes import KEY_BITS
 
 logger = logging.getLogger("sglang_rabitq")
 ENV = "SGLANG_RABITQ_CONFIG"
@@ -48,6 +49,9 @@ def add_rabitq_args(parser) -> None:
                    help="with --rabitq-center calibrate: prefill keys the mean is taken over before it is fixed")
     g.add_argument("--rabitq-rounding", choices=ROUNDING_MODES, default=_DEFAULTS.rounding,
                    help="INT4 query rounding: nearest or random (unbiased)")
+    g.add_argument("--rabitq-key-bits", type=int, choices=KEY_BITS, default=_DEFAULTS.key_bits,
+                   help="bits per dimension of each key's code: more bits estimate the logits more closely (each "
+                        "about halves the error) for D/8 more bytes per token and kv-head of index and score reads")
     g.add_argument("--rabitq-seed", type=int, default=_DEFAULTS.seed, help="seed of the random rotations")
     g.add_argument("--rabitq-prefill-backend", choices=PREFILL_CHOICES, default="flashinfer",
                    help="SGLang backend that runs the dense prefill / extend attention")

@@ -15,10 +15,10 @@ from sglang_rabitq.kernels.encode import code_buffers
 from sglang_rabitq.reference.codes import random_rotation
 
 
-def code_bytes_per_token(num_sparse_layers: int, num_kv_heads: int, head_dim: int) -> int:
-    """Bytes the index adds per KV-pool slot: D/8 code bytes + a float32 factor per (layer, kv-head),
-    plus one validity byte."""
-    return num_sparse_layers * num_kv_heads * (head_dim // 8 + 4) + 1
+def code_bytes_per_token(num_sparse_layers: int, num_kv_heads: int, head_dim: int, key_bits: int = 1) -> int:
+    """Bytes the index adds per KV-pool slot: ``key_bits * D/8`` code bytes + a float32 factor per
+    (layer, kv-head), plus one validity byte."""
+    return num_sparse_layers * num_kv_heads * (key_bits * head_dim // 8 + 4) + 1
 
 
 def layer_rotations(head_dim: int, seed: int, layer: int, kv_heads: range) -> torch.Tensor:
@@ -55,7 +55,8 @@ class CodePool:
         # one tensor over the sparse layers each (a forward batch's new keys are encoded for all of them
         # in one launch: ``encode_slots_all_layers``), and per-layer views of them
         # [sparse layers, slots, kv-heads, ...], stored kv-head-major (code_buffers)
-        self.stacked_codes, self.stacked_factor = code_buffers(num_slots, num_kv_heads, head_dim, device, sparse)
+        self.stacked_codes, self.stacked_factor = code_buffers(num_slots, num_kv_heads, head_dim, device, sparse,
+                                                               config.key_bits)
         self.stacked_rot = torch.zeros(sparse, num_kv_heads, head_dim, head_dim, dtype=torch.float32, device=device)
         for i, layer in enumerate(self.sparse_layers):
             self.stacked_rot[i] = layer_rotations(head_dim, config.seed, layer,
@@ -65,7 +66,7 @@ class CodePool:
         self.rot = dict(zip(self.sparse_layers, self.stacked_rot))
         # what a dense layer's launch gets in place of codes: never read (the kernels skip scoring)
         self._placeholders = (
-            torch.zeros(1, num_kv_heads, words, dtype=torch.int32, device=device),
+            torch.zeros(1, num_kv_heads, config.key_bits * words, dtype=torch.int32, device=device),
             torch.zeros(1, num_kv_heads, dtype=torch.float32, device=device),
             torch.zeros(num_kv_heads, head_dim, head_dim, dtype=torch.float32, device=device),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from sglang_rabitq.reference.codes import check_key_bits
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
 from sglang_rabitq.validation import check_choice, check_fraction, check_non_negative
 
@@ -39,6 +40,9 @@ class RaBitQConfig:
     center: str = "calibrate"
     calibrate_tokens: int = 4096  # prefill keys the "calibrate" mean is taken over before it is fixed
     rounding: str = "nearest"  # INT4 query rounding: nearest or random (unbiased)
+    # bits per dimension of the key codes: each one about halves the estimate's error, and adds D/8 bytes
+    # per token and kv-head to the index and to each step's score pass
+    key_bits: int = 1
     seed: int = 0  # seed of the random rotations
 
     def __post_init__(self) -> None:
@@ -57,6 +61,7 @@ class RaBitQConfig:
         check_choice("center", self.center, CENTER_MODES)
         check_choice("top_p_scope", self.top_p_scope, TOP_P_SCOPES)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
+        check_key_bits(self.key_bits)
 
     @classmethod
     def from_server_args(cls, server_args) -> "RaBitQConfig":

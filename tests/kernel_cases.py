@@ -14,7 +14,7 @@ class Batch:
     q: torch.Tensor  # [B, Hq, D]
     k_buf: torch.Tensor  # [slots, Hkv, D]
     v_buf: torch.Tensor
-    codes: torch.Tensor  # [slots, Hkv, D/32]
+    codes: torch.Tensor  # [slots, Hkv, bits * D/32]
     factor: torch.Tensor  # [slots, Hkv]
     rot: torch.Tensor  # [Hkv, D, D]
     req_to_token: torch.Tensor  # [R, C] int32
@@ -24,8 +24,10 @@ class Batch:
     center: torch.Tensor  # [Hkv, D] float32: the keys' centre the codes were encoded with
 
 
-def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, peaked=True, seed=0, centred=False) -> Batch:
-    """``centred``: codes of the keys minus a random centre (as ``--rabitq-center calibrate``); else zero."""
+def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, peaked=True, seed=0, centred=False,
+               key_bits=1) -> Batch:
+    """``centred``: codes of the keys minus a random centre (as ``--rabitq-center calibrate``); else zero.
+    ``key_bits``: bits per dimension of the codes."""
     gen = torch.Generator().manual_seed(seed)
     pool = sum(lens) + 16
     k = torch.randn(pool, hkv, d, generator=gen)
@@ -46,7 +48,7 @@ def make_batch(lens, hq, hkv, d, device, dtype=torch.bfloat16, encoded=None, pea
         off += n
     rot = random_rotation(d, seed=seed, num_heads=hkv)
     center = torch.randn(hkv, d, generator=gen) * 0.5 if centred else torch.zeros(hkv, d)
-    codes, factor = encode_keys(k.float(), rot, center)
+    codes, factor = encode_keys(k.float(), rot, center, bits=key_bits)
     seq = torch.tensor(lens)
     enc = torch.tensor(encoded) if encoded is not None else seq.clone()
     to = dict(device=device)

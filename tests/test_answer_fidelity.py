@@ -75,7 +75,7 @@ def test_exact_settings_select_true_top_p_sets(fresh_seed):
     assert setting == A.Setting(0.9, 1.0, exact=True) and setting.label == "p 0.9 t 1 exact logits"
     codes = A.LayerCodes(layer_rotations(d, fresh_seed, 3, range(hkv)), keys[:100].mean(0))
     mask, budget = A.decode_masks(q, keys, codes, prompt, setting, reg, scale)
-    assert codes.signs.shape[0] == 0  # nothing encoded
+    assert not codes.values  # nothing encoded
     enc = A.encoded_lengths(prompt, steps, reg)
     for t in range(steps):
         r = decode_regions(prompt + t + 1, enc[t], reg.sink, reg.window)
@@ -87,6 +87,26 @@ def test_exact_settings_select_true_top_p_sets(fresh_seed):
             assert mask[h, t, : r.sink_end].all() and mask[h, t, r.score_end : prompt + t + 1].all()
             assert 0 < want.sum() < want.numel()
     assert budget.mean() < 1.0
+
+
+def test_more_key_bits_select_closer_to_the_exact_sets(fresh_seed):
+    """The multi-bit study settings: each kv-head's selection moves towards the oracle's (exact top-p of
+    the true logits) as the key codes gain bits per dimension."""
+    gen = torch.Generator().manual_seed(fresh_seed)
+    hq, hkv, d, prompt, steps = 4, 2, 64, 300, 12
+    keys = torch.randn(prompt + steps, hkv, d, generator=gen)
+    q = torch.randn(steps, hq, d, generator=gen) * 2.0
+    reg = A.Regions(sink=16, window=16, encode_chunk=8)
+    codes = A.LayerCodes(layer_rotations(d, fresh_seed, 3, range(hkv)), keys[:100].mean(0))
+    settings = A.parse_settings("0.9,1.0,exact;0.9,1.0;0.9,1.0,b2;0.9,1.0,b4")
+    assert [s.key_bits for s in settings] == [1, 1, 2, 4] and settings[3].label == "p 0.9 t 1 4-bit keys"
+    oracle, _ = A.decode_masks(q, keys, codes, prompt, settings[0], reg, d**-0.5)
+    jaccard = []
+    for s in settings[1:]:
+        mask, _ = A.decode_masks(q, keys, codes, prompt, s, reg, d**-0.5)
+        jaccard.append(float((mask & oracle).sum() / (mask | oracle).sum()))
+    assert sorted(codes.values) == [1, 2, 4]  # each setting's own codes
+    assert jaccard[0] < jaccard[1] < jaccard[2] and jaccard[2] > 0.85, jaccard
 
 
 def _tiny_model():

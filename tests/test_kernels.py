@@ -31,6 +31,7 @@ from sglang_rabitq.kernels.query import query_heads_per_program
 from sglang_rabitq.reference.decode import dense_region_lse
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 from sglang_rabitq.reference import (
+    code_values,
     encode_keys,
     estimate_int,
     hist_threshold,
@@ -73,6 +74,61 @@ def test_encode_bit_exact(d, dtype, fresh_seed):
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[written] = False
     assert (c_dev.cpu()[untouched] == 0x5A5A5A5A).all() and f_dev.cpu()[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_encode_multi_bit_codes_match_reference(bits, d, fresh_seed):
+    """Levels equal the reference's except where a key's grid scales are within float rounding of a
+    tie (the kernel's choice then as close in angle to the key), factors those of the kernel's levels."""
+    h, n = 2, (3000 if ON_GPU else 70)
+    keys = torch.randn(n, h, d).to(torch.bfloat16)
+    rot = random_rotation(d, seed=fresh_seed, num_heads=h)
+    center = torch.randn(h, d) * 0.1
+    slots = torch.cat([torch.randperm(n)[: n - 5], torch.tensor([-1, -1])])
+    codes, factor = code_buffers(n, h, d, DEVICE, bits=bits)
+    codes.fill_(0x5A5A5A5A)
+    factor.fill_(float("nan"))
+    encode_slots(keys.to(DEVICE), slots.to(DEVICE), rot.to(DEVICE), center.to(DEVICE), codes, factor)
+    written = slots[slots >= 0]
+    ref_codes, _ = encode_keys(keys.float()[written], rot, center, bits=bits)
+    got_codes = codes.cpu()[written]
+    same = (got_codes == ref_codes).all(-1)
+    assert same.float().mean() >= 0.98, float(same.float().mean())
+    kc = keys.double()[written] - center.double()
+    o = rotate(kc, rot.double())
+    y_got, y_ref = code_values(got_codes, d), code_values(ref_codes, d)
+    cos = lambda y: (y * o).sum(-1) / (y.norm(dim=-1) * o.norm(dim=-1))  # noqa: E731
+    assert (cos(y_got) >= cos(y_ref) - 1e-5).all()
+    want_factor = kc.pow(2).sum(-1) / (y_got * o).sum(-1)
+    assert torch.allclose(factor.cpu()[written].double(), want_factor, rtol=1e-5)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[written] = False
+    assert (codes.cpu()[untouched] == 0x5A5A5A5A).all() and factor.cpu()[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("hq,hkv,d,bits", [(4, 2, 64, 3), (8, 1, 128, 2), (7, 1, 64, 4), (8, 2, 128, 4)])
+def test_score_multi_bit_codes_matches_reference(hq, hkv, d, bits, fresh_seed):
+    """The score pass sums the estimate over the codes' bit-planes: its stored logits are the
+    reference's (``estimate_int``) within fp16 rounding, and so are its chunk maxima."""
+    lens = [3000, 900, 200] if ON_GPU else [500, 200, 90]
+    batch = make_batch(lens, hq, hkv, d, DEVICE, seed=fresh_seed, centred=True, key_bits=bits)
+    assert batch.codes.shape[-1] == bits * d // 32
+    nc, sm = 3, d**-0.5
+    plan = _plan(batch, nc, 16, 16)
+    q_u, delta, qmin = quantize_query(batch.q.float().cpu(), batch.rot.cpu())
+    (stored, stats), = _scores(batch, hq, hkv, d, nc, [(batch.codes, batch.factor, {})])
+    stored = stored.cpu().double()
+    group = hq // hkv
+    for b in range(len(lens)):
+        sink_end, score_end, chunk_len, _, work = (int(x) for x in plan[b, 1:6])
+        for h in range(hkv):
+            exact = _ref_logits(batch, b, h, group, q_u, delta, qmin, 16, 16, sm)
+            heads = range(h * group, (h + 1) * group)
+            got = torch.stack([stored[work * hq + qh * nc * chunk_len:][: score_end - sink_end] for qh in heads])
+            assert torch.allclose(got, exact, rtol=1e-3, atol=1e-3)
+            rows = slice((b * hq + h * group) * nc, (b * hq + (h + 1) * group) * nc)
+            assert torch.equal(stats.max[rows].view(group, nc).cpu().double().max(-1).values, got.max(-1).values)
 
 
 def test_encode_of_padding_only_writes_nothing():
@@ -172,9 +228,9 @@ def test_prepare_query_matches_reference(d, hq, hkv, whole_group, fresh_seed):
     assert torch.equal(qscal[..., 2].cpu(), qu.float().sum(-1))
 
 
-@pytest.mark.parametrize("chunk", [64, 100])  # 100: a chunk that is not one encode block
+@pytest.mark.parametrize("chunk,bits", [(64, 1), (100, 1), (64, 3)])  # 100: a chunk that is not one encode block
 @pytest.mark.parametrize("whole_group", [False, True])
-def test_prepare_query_encodes_each_requests_pending_chunk(chunk, whole_group, fresh_seed):
+def test_prepare_query_encodes_each_requests_pending_chunk(chunk, bits, whole_group, fresh_seed):
     """The lazy refresh rides on the query launch: request b's program per kv-head encodes the slots
     at ``pending[b * chunk : (b + 1) * chunk]`` exactly as ``encode_slots`` does, and nothing else."""
     b, hq, hkv, d, n = 3, 4, 2, 64, 400
@@ -185,7 +241,7 @@ def test_prepare_query_encodes_each_requests_pending_chunk(chunk, whole_group, f
     pending[:chunk] = torch.randperm(n - 5)[:chunk]  # request 0: a full chunk
     pending[2 * chunk : 2 * chunk + 5] = torch.arange(5) + n - 5  # request 2: 5 slots (request 1: none)
     pending = pending.to(DEVICE)
-    poison = dict(codes=torch.full((n, hkv, d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE),
+    poison = dict(codes=torch.full((n, hkv, bits * d // 32), 0x5A5A5A5A, dtype=torch.int32, device=DEVICE),
                   factor=torch.full((n, hkv), float("nan"), device=DEVICE))
     got = {k: v.clone() for k, v in poison.items()}
     want = {k: v.clone() for k, v in poison.items()}
@@ -535,15 +591,17 @@ def _check_decode_stages(batch, ws, query, sink, window, score_scale, top_p, kep
             assert int(kept[b, h]) == int(selected) + length - (score_end - sink_end), ("compaction", b, h)
 
 
-@pytest.mark.parametrize("hq,hkv,d,temperature,scope,max_budget", [
-    (4, 2, 64, 1.0, "context", 1.0), (8, 1, 128, 0.6, "context", 1.0), (14, 2, 64, 0.6, "context", 1.0),
-    (4, 2, 64, 1.0, "scored", 1.0), (8, 2, 64, 1.0, "scored", 0.05),
+@pytest.mark.parametrize("hq,hkv,d,temperature,scope,max_budget,bits", [
+    (4, 2, 64, 1.0, "context", 1.0, 1), (8, 1, 128, 0.6, "context", 1.0, 1), (14, 2, 64, 0.6, "context", 1.0, 1),
+    (4, 2, 64, 1.0, "scored", 1.0, 1), (8, 2, 64, 1.0, "scored", 0.05, 1),
+    (14, 2, 64, 0.6, "scored", 1.0, 3), (8, 1, 128, 1.0, "context", 1.0, 2),  # multi-bit key codes
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, max_budget, dtype, fresh_seed):
+def test_decode_layer_matches_reference(hq, hkv, d, temperature, scope, max_budget, bits, dtype, fresh_seed):
     lens = [5000, 1500, 70, 3] if ON_GPU else [600, 260, 70, 3]
     encoded = [lens[0] - 40, lens[1], lens[2], lens[3]]  # request 0 has a lazy (unencoded) tail
-    batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed, centred=True)
+    batch = make_batch(lens, hq, hkv, d, DEVICE, dtype=dtype, encoded=encoded, seed=fresh_seed, centred=True,
+                       key_bits=bits)
     sink, window, sm, top_p = 16, 32, d**-0.5, 0.9
     ws = DecodeWorkspace(len(lens), hq, hkv, d, max(lens) + 8, DEVICE)
     ws.plan.fill(batch.req_pool_indices, batch.seq_lens, batch.encoded_lens, sink, window, ws.num_chunks(len(lens)))

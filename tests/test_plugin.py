@@ -39,7 +39,7 @@ def test_flags_reach_server_args_and_are_validated(tmp_path):
         from sglang.srt.server_args import prepare_server_args
         base = ['--model-path', {str(tmp_path)!r}, '--attention-backend', 'rabitq', '--skip-tokenizer-init', '--device', 'cpu']
         a = prepare_server_args(base + ['--rabitq-top-p', '0.8', '--rabitq-window', '32', '--rabitq-max-budget', '0.2',
-                                        '--rabitq-min-batch-context', '0'])
+                                        '--rabitq-min-batch-context', '0', '--rabitq-key-bits', '3'])
         print('CONFIG', os.environ['SGLANG_RABITQ_CONFIG'])
         print('PREFILL_GRAPH_OFF', a.disable_prefill_cuda_graph)
         try:
@@ -51,6 +51,7 @@ def test_flags_reach_server_args_and_are_validated(tmp_path):
     config = json.loads(r.stdout.split("CONFIG ", 1)[1].splitlines()[0])
     assert config["config"]["top_p"] == 0.8 and config["config"]["window"] == 32
     assert config["config"]["max_budget"] == 0.2 and config["config"]["min_batch_context"] == 0
+    assert config["config"]["key_bits"] == 3
     assert config["prefill"] == "flashinfer"
     assert "PREFILL_GRAPH_OFF True" in r.stdout
     assert "REJECTED sink must be a non-negative integer" in r.stdout
@@ -62,7 +63,7 @@ def test_help_lists_backend_and_flags():
     assert "rabitq}" in r.stdout  # a choice of --attention-backend
     for flag in ("--rabitq-top-p", "--rabitq-score-temperature", "--rabitq-sink", "--rabitq-window", "--rabitq-dense-layers",
                  "--rabitq-encode-chunk", "--rabitq-center", "--rabitq-calibrate-tokens", "--rabitq-rounding", "--rabitq-top-p-scope",
-                 "--rabitq-max-budget", "--rabitq-prefill-backend", "--rabitq-min-batch-context"):
+                 "--rabitq-max-budget", "--rabitq-prefill-backend", "--rabitq-min-batch-context", "--rabitq-key-bits"):
         assert flag in r.stdout
 
 
@@ -82,11 +83,13 @@ def test_memory_hook_targets_exist_and_cost_is_counted():
     assert callable(module.DefaultPoolConfigurator._compute_cell_size)
     # Qwen2.5-0.5B: 24 layers, 2 dense, 2 kv-heads, head_dim 64: (8 + 4) bytes per (layer, head) + 1
     assert code_bytes_per_token(22, 2, 64) == 22 * 2 * 12 + 1
+    assert code_bytes_per_token(22, 2, 64, key_bits=3) == 22 * 2 * (24 + 4) + 1  # three bit-planes
 
 
 @pytest.mark.parametrize("field,value", [("encode_chunk", 0), ("calibrate_tokens", 0), ("calibrate_tokens", 2.5),
                                          ("center", "mean"), ("top_p", 0.0), ("max_budget", 0.0), ("max_budget", 1.5),
-                                         ("min_batch_context", -1), ("min_batch_context", 2.5)])
+                                         ("min_batch_context", -1), ("min_batch_context", 2.5), ("key_bits", 0),
+                                         ("key_bits", 5)])
 def test_bad_settings_are_refused_naming_the_setting(field, value):
     from sglang_rabitq.config import RaBitQConfig
 

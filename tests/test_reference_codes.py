@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sglang_rabitq.reference import (
+    code_values,
     encode_keys,
     estimate_float,
     estimate_int,
@@ -13,6 +14,7 @@ from sglang_rabitq.reference import (
     random_rotation,
     rotate,
     unpack_bits,
+    unpack_levels,
 )
 from sglang_rabitq.reference.estimator_stats import estimator_errors, rabitq_error_bound
 
@@ -154,3 +156,64 @@ def test_estimator_unbiased_with_rabitq_std(dim, rounding, cosine):
 def test_bad_input_is_rejected(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_multi_bit_codes_layout_and_exact_self_product(bits, fresh_seed):
+    gen = torch.Generator().manual_seed(fresh_seed)
+    keys = torch.randn(40, 2, 64, generator=gen) * 3
+    rot, center = random_rotation(64, fresh_seed, 2), torch.randn(2, 64, generator=gen) * 0.1
+    codes, factor = encode_keys(keys, rot, center, bits=bits)
+    assert codes.shape == (40, 2, bits * 2) and codes.dtype == torch.int32
+    levels = unpack_levels(codes, 64)
+    assert levels.min() >= 0 and levels.max() <= 2**bits - 1
+    assert (levels == 0).any() and (levels == 2**bits - 1).any()  # the grid is used end to end
+    # plane j of the words is bit j of every level
+    assert torch.equal(unpack_bits(codes[..., 2:4]), (levels >> 1) & 1)
+    kc = keys.double() - center.double()
+    o = rotate(kc, rot.double())
+    y = code_values(codes, 64)
+    assert torch.equal(y, (2 * levels - (2**bits - 1)).double())
+    # the factor makes the estimate exact for the key itself: g <y, o> = ||k_c||^2
+    assert torch.allclose(factor.double() * (y * o).sum(-1), kc.pow(2).sum(-1), rtol=1e-5)
+    # the chosen grid scale is the best of those tried: no other scale's grid is closer in angle to o
+    cos = (y * o).sum(-1) / (y.norm(dim=-1) * o.norm(dim=-1))
+    half, amax = 2 ** (bits - 1), o.abs().amax(-1, keepdim=True)
+    for t in torch.linspace(0.5, 2.5, 64, dtype=torch.float64) * half:
+        yt = 2 * torch.clamp(torch.floor(o * t / amax), -half, half - 1) + 1
+        assert ((yt * o).sum(-1) / (yt.norm(dim=-1) * o.norm(dim=-1)) <= cos + 1e-12).all()
+    _, zero_factor = encode_keys(torch.zeros(1, 2, 64), rot, bits=bits)
+    assert zero_factor.eq(0).all()  # a zero key estimates 0
+
+
+@pytest.mark.parametrize("bits", [1, 3])
+def test_integer_form_equals_float_form_for_any_bits(bits, fresh_seed):
+    gen = torch.Generator().manual_seed(fresh_seed)
+    keys = torch.randn(64, 1, 128, generator=gen)
+    rot = random_rotation(128, fresh_seed, 1)
+    codes, factor = encode_keys(keys, rot, bits=bits)
+    q_u, delta, qmin = quantize_query(torch.randn(1, 1, 128, generator=gen), rot)
+    q_bar = delta[0, 0].double() * q_u[0, 0].double() + qmin[0, 0].double()
+    a = estimate_int(codes[:, 0], factor[:, 0], q_u[0, 0], delta[0, 0], qmin[0, 0])
+    b = estimate_float(codes[:, 0], factor[:, 0], q_bar)
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_each_key_bit_halves_the_estimate_error(dim):
+    """Multi-bit codes stay unbiased, and each bit per dimension about halves the error's std."""
+    trials, prev = 800, None
+    for bits in (1, 2, 3, 4):
+        err = estimator_errors(dim, 0.3, "none", trials, seed=dim + bits, key_bits=bits)
+        std = float(err.std())
+        assert abs(float(err.mean())) < 4 * std / math.sqrt(trials)
+        if prev is not None:
+            assert 0.4 < std / prev < 0.6, (bits, std, prev)
+        prev = std
+    assert prev < 0.2 * rabitq_error_bound(dim, 0.3)  # 4 bits: under a fifth of the 1-bit bound
+
+
+@pytest.mark.parametrize("bits", [0, 5])
+def test_codes_reject_bad_bits(bits):
+    with pytest.raises(ValueError):
+        encode_keys(torch.randn(2, 1, 32), torch.eye(32).view(1, 32, 32), bits=bits)

@@ -6,6 +6,8 @@ tokens are reached through its row of ``req_to_token`` (position -> slot).
 
 from sglang_rabitq.reference.attention import dense_decode_attention, sparse_decode_attention
 from sglang_rabitq.reference.codes import (
+    KEY_BITS,
+    code_values,
     encode_keys,
     estimate_float,
     estimate_int,
@@ -15,6 +17,7 @@ from sglang_rabitq.reference.codes import (
     random_rotation,
     rotate,
     unpack_bits,
+    unpack_levels,
 )
 from sglang_rabitq.reference.decode import DecodeRegions, decode_regions, rabitq_decode
 from sglang_rabitq.reference.select import (
@@ -35,6 +38,8 @@ __all__ = [
     "SMALL_BIN",
     "decode_regions",
     "dense_decode_attention",
+    "KEY_BITS",
+    "code_values",
     "encode_keys",
     "estimate_float",
     "estimate_int",
@@ -51,4 +56,5 @@ __all__ = [
     "union_cap_mask",
     "union_cap_thresholds",
     "unpack_bits",
+    "unpack_levels",
 ]

@@ -1,4 +1,4 @@
-"""RaBitQ codes: rotation, 1-bit key codes, INT4 queries and the unbiased inner-product estimate.
+"""RaBitQ codes: rotation, 1- to 4-bit key codes, INT4 queries and the unbiased inner-product estimate.
 
 Conventions (one for keys and queries alike, tested): a vector ``x`` of head ``h`` is rotated as
 ``x @ P[h]``, i.e. ``P^T x`` for column vectors, with ``P[h]`` a random orthogonal ``D x D`` matrix.
@@ -53,18 +53,26 @@ def unpack_bits(words: torch.Tensor) -> torch.Tensor:
 
 
 def encode_keys(
-    keys: torch.Tensor, rot: torch.Tensor, center: torch.Tensor | None = None
+    keys: torch.Tensor, rot: torch.Tensor, center: torch.Tensor | None = None, bits: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode ``keys [N, H, D]`` into ``codes [N, H, D/32] int32`` and ``factor [N, H] float32``.
+    """Encode ``keys [N, H, D]`` into ``codes [N, H, bits * D/32] int32`` and ``factor [N, H] float32``.
 
-    With ``k_c = k - center`` and ``o = P^T k_c``: bits are ``o > 0`` and the fused factor is
-    ``g = ||k_c|| / alpha`` with ``alpha = <2b-1, o/||k_c||> = sum|o| / ||k_c||``, i.e.
-    ``g = ||k_c||^2 / sum|o|`` (0 for a zero key, whose estimate is then 0).
+    With ``k_c = k - center`` and ``o = P^T k_c``, a key's code is ``bits`` bits per dimension: levels
+    ``u`` in ``[0, 2^bits)``, stored as bit-planes (plane ``j``, bit ``j`` of every level, in words
+    ``j * D/32 .. (j + 1) * D/32 - 1``), standing for the odd grid values ``y = 2u - (2^bits - 1)``.
+    The estimate is ``<q, k_c> ~= g <y, P^T q>`` with ``g = ||o||^2 / <y, o>`` (exact for ``q = k_c``;
+    0 for a zero key, whose estimate is then 0).
+
+    One bit: ``y = 2b - 1`` with ``b = [o > 0]`` and ``g = ||k_c||^2 / sum|o|`` (RaBitQ). More bits
+    (extended RaBitQ): ``y`` is ``o`` on a uniform grid, ``y / 2 = clamp(floor(t o), -2^(bits-1),
+    2^(bits-1) - 1) + 1/2``, at the one of ``LEVEL_SCALES`` grid scales ``t`` whose ``y`` is closest in
+    angle to ``o``. Each bit about halves the estimate's error (tested).
     """
     if keys.dim() != 3:
         raise ValueError(f"keys must be [N, H, D], got shape {tuple(keys.shape)}")
     n, h, d = keys.shape
     check_head_dim(d)
+    check_key_bits(bits)
     if rot.shape != (h, d, d):
         raise ValueError(f"rotation must be [{h}, {d}, {d}], got {tuple(rot.shape)}")
     check_same_device(keys=keys, rot=rot, center=center)
@@ -74,10 +82,66 @@ def encode_keys(
             raise ValueError(f"center must be [{h}, {d}], got {tuple(center.shape)}")
         kc = kc - center.to(torch.float64)
     o = rotate(kc, rot.to(torch.float64))
+    if bits == 1:
+        levels = (o > 0).to(torch.int64)
+    else:
+        levels = grid_levels(o, bits)
+    y = (2 * levels - (2**bits - 1)).to(torch.float64)
+    dot = (y * o).sum(-1)
     norm_sq = (kc * kc).sum(-1)
-    l1 = o.abs().sum(-1)
-    factor = torch.where(l1 > 0, norm_sq / l1.clamp_min(1e-300), torch.zeros_like(l1))
-    return pack_bits(o > 0), factor.to(torch.float32)
+    factor = torch.where(dot > 0, norm_sq / dot.clamp_min(1e-300), torch.zeros_like(dot))
+    return pack_levels(levels, bits), factor.to(torch.float32)
+
+
+KEY_BITS = (1, 2, 3, 4)  # more bits no longer fit the score pass's 16-bit sums at D 128
+LEVEL_SCALES = 64  # grid scales tried per key
+
+
+def check_key_bits(bits: int) -> None:
+    if bits not in KEY_BITS:
+        raise ValueError(f"key bits must be one of {KEY_BITS}, got {bits}")
+
+
+def level_scales(bits: int, device=None) -> torch.Tensor:
+    """The grid scales tried, times ``2^(bits-1) / max|o|``: from the largest coordinate on the top
+    level to clipping ~60 % of it (the grid's angle to Gaussian-like coordinates peaks in between)."""
+    return torch.linspace(0.5, 2.5, LEVEL_SCALES, dtype=torch.float64, device=device) * 2 ** (bits - 1)
+
+
+def grid_levels(o: torch.Tensor, bits: int) -> torch.Tensor:
+    """Levels ``[..., D]`` in ``[0, 2^bits)`` of rotated keys ``o [..., D]`` (see ``encode_keys``); the
+    first scale of the best angle wins a tie."""
+    half = 2 ** (bits - 1)
+    amax = o.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 1.0 / amax.clamp_min(1e-300), torch.zeros_like(amax))
+    best_cos = torch.full(o.shape[:-1], -2.0, dtype=o.dtype, device=o.device)
+    best = torch.zeros(o.shape, dtype=torch.int64, device=o.device)
+    for t in level_scales(bits, o.device):
+        u = torch.clamp(torch.floor(o * (t * inv)), -half, half - 1) + half  # in [0, 2^bits)
+        y = 2 * u - (2 * half - 1)
+        cos = (y * o).sum(-1) / y.norm(dim=-1)  # ||o|| is common to every scale
+        take = cos > best_cos
+        best_cos = torch.where(take, cos, best_cos)
+        best = torch.where(take[..., None], u.to(torch.int64), best)
+    return best
+
+
+def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """Levels ``[..., D]`` -> ``[..., bits * D/32]`` int32: bit-plane ``j`` in words ``j * D/32 ..``."""
+    return torch.cat([pack_bits(((levels >> j) & 1).bool()) for j in range(bits)], dim=-1)
+
+
+def unpack_levels(words: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack_levels`: ``[..., bits * D/32]`` -> levels ``[..., D]`` int64."""
+    w = head_dim // 32
+    planes = words.shape[-1] // w
+    return sum(unpack_bits(words[..., j * w : (j + 1) * w]) << j for j in range(planes))
+
+
+def code_values(words: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The odd grid values ``y = 2u - (2^bits - 1)`` (float64) of packed codes; ``+-1`` for one bit."""
+    bits = words.shape[-1] // (head_dim // 32)
+    return (2 * unpack_levels(words, head_dim) - (2**bits - 1)).to(torch.float64)
 
 
 def quantize_query(
@@ -134,24 +198,24 @@ def query_nibble_table(q_u: torch.Tensor, group: int) -> torch.Tensor:
 def estimate_int(
     codes: torch.Tensor, factor: torch.Tensor, q_u: torch.Tensor, delta: torch.Tensor, qmin: torch.Tensor
 ) -> torch.Tensor:
-    """Integer-form estimate of ``<q, k_c>`` for codes ``[N, D/32]`` and one query head.
+    """Integer-form estimate of ``<q, k_c>`` for codes ``[N, bits * D/32]`` and one query head.
 
-    ``<2b-1, q_bar> = 2 delta <b, q_u> + 2 min popcount(b) - delta sum(q_u) - D min``, where
-    ``<b, q_u>`` is the sum of ``q_u`` over the set bits of ``b``.
-    ``q_u [D]`` int, ``delta``/``qmin`` scalars. Returns ``[N]`` float64.
+    With levels ``u`` (one bit: ``u = b``), ``<y, q_bar> = 2 delta <u, q_u> + 2 min sum(u) -
+    (2^bits - 1)(delta sum(q_u) + D min)``; ``<u, q_u> = sum_j 2^j <plane_j, q_u>``, each plane's term
+    the sum of ``q_u`` over its set bits. ``q_u [D]`` int, ``delta``/``qmin`` scalars. Returns ``[N]``
+    float64.
     """
     d = q_u.shape[-1]
-    bits = unpack_bits(codes)  # [N, D] in {0, 1}
+    levels = unpack_levels(codes, d)  # [N, D]
+    top = 2 ** (codes.shape[-1] // (d // 32)) - 1
     qi = q_u.to(torch.int64)
-    b_dot_q = (bits.to(torch.int64) * qi).sum(-1)
-    popcount = bits.sum(-1)
+    u_dot_q = (levels * qi).sum(-1)
     delta = delta.to(torch.float64)
     qmin = qmin.to(torch.float64)
-    ip = 2 * delta * b_dot_q + 2 * qmin * popcount - delta * qi.sum() - d * qmin
+    ip = 2 * delta * u_dot_q + 2 * qmin * levels.sum(-1) - top * (delta * qi.sum() + d * qmin)
     return factor.to(torch.float64) * ip
 
 
 def estimate_float(codes: torch.Tensor, factor: torch.Tensor, q_bar: torch.Tensor) -> torch.Tensor:
-    """Float-form estimate ``g * <2b - 1, q_bar>`` (``q_bar`` the rotated, dequantized query)."""
-    signs = unpack_bits(codes).to(torch.float64) * 2 - 1
-    return factor.to(torch.float64) * (signs @ q_bar.to(torch.float64))
+    """Float-form estimate ``g * <y, q_bar>`` (``q_bar [D]`` the rotated, dequantized query)."""
+    return factor.to(torch.float64) * (code_values(codes, q_bar.shape[-1]) @ q_bar.to(torch.float64))

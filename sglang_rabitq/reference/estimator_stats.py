@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sglang_rabitq.reference.codes import encode_keys, quantize_query, random_rotation, unpack_bits
+from sglang_rabitq.reference.codes import code_values, encode_keys, quantize_query, random_rotation
 
 ALPHA = math.sqrt(2 / math.pi)  # E <o_bar, o> for a random unit o
 
@@ -27,16 +27,18 @@ def pair_with_cosine(dim: int, cosine: float, gen: torch.Generator) -> tuple[tor
     return q * 2.0, k * 3.0
 
 
-def estimator_errors(dim: int, cosine: float, rounding: str, trials: int, seed: int = 0) -> torch.Tensor:
-    """Errors in cosine units over ``trials`` random rotations. ``rounding="none"`` skips INT4.
+def estimator_errors(dim: int, cosine: float, rounding: str, trials: int, seed: int = 0,
+                     key_bits: int = 1) -> torch.Tensor:
+    """Errors in cosine units over ``trials`` random rotations. ``rounding="none"`` skips INT4;
+    ``key_bits``: bits per dimension of the key codes.
 
     Each trial is one rotation, treated as one "head" so all trials run as one batch.
     """
     gen = torch.Generator().manual_seed(seed)
     q, k = pair_with_cosine(dim, cosine, gen)
     rots = random_rotation(dim, seed=seed + 1, num_heads=trials)  # [T, D, D]
-    codes, factor = encode_keys(k.expand(1, trials, dim).to(torch.float32), rots)
-    signs = unpack_bits(codes[0]).to(torch.float64) * 2 - 1  # [T, D]
+    codes, factor = encode_keys(k.expand(1, trials, dim).to(torch.float32), rots, bits=key_bits)
+    signs = code_values(codes[0], dim)  # [T, D]: +-1 for one bit, the odd grid values for more
     if rounding == "none":
         q_bar = torch.einsum("d,tde->te", q, rots.to(torch.float64))
     else:
