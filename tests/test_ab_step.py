@@ -51,3 +51,13 @@ def test_max_budget_caps_what_both_trees_read(tmp_path):
     (row,) = run_ab(base, tmp_path / "ab.json", "--budgets", "0", "--max-budget", "0.1")["rows"]
     assert row["identical"]
     assert row["base_budget"] == row["head_budget"] < (128 + 0.2 * 384) / 512
+
+
+def test_each_side_runs_its_own_key_bits(tmp_path):
+    """``--head-key-bits 3``: the head side's step runs on 3-bit codes (a buffer of 3 bit-planes, which
+    the kernels read their bits from), the base side's on 1-bit ones; the result says which."""
+    result = run_ab(ROOT, tmp_path / "ab.json", "--head-key-bits", "3")
+    assert (result["base_key_bits"], result["head_key_bits"]) == (1, 3)
+    (row,) = result["rows"]
+    assert row["base_budget"] > 0 and row["head_budget"] > 0
+    assert "head key codes: 3 bits per dimension" in (tmp_path / "ab.md").read_text()

@@ -2,7 +2,8 @@
 
 Conventions (one for keys and queries alike, tested): a vector ``x`` of head ``h`` is rotated as
 ``x @ P[h]``, i.e. ``P^T x`` for column vectors, with ``P[h]`` a random orthogonal ``D x D`` matrix.
-Bit ``d`` of a code lives in int32 word ``d // 32`` at bit position ``d % 32``.
+Bit ``d`` of a code lives in int32 word ``d // 32`` at bit position ``d % 32``; a code of several bits
+per dimension is that many such bit-planes, one after another.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def encode_keys(
     return pack_levels(levels, bits), factor.to(torch.float32)
 
 
-KEY_BITS = (1, 2, 3, 4)  # more bits no longer fit the score pass's 16-bit sums at D 128
+# each bit costs D/8 bytes per token and kv-head, and 4 already cut the 1-bit error ~8x; the score pass's
+# 16-bit sums (at most 15 (2^bits - 1) D) would overflow from 6 bits at D 128
+KEY_BITS = (1, 2, 3, 4)
 LEVEL_SCALES = 64  # grid scales tried per key
 
 
