@@ -350,7 +350,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--questions", type=int, default=0, help="only the first N user questions (0: all)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--settings", type=parse_settings, default=parse_settings(DEFAULT_SETTINGS),
-                    help='"top_p,temperature[,max_budget][,exact];..." (exact: select from the true logits)')
+                    help='"top_p,temperature[,max_budget][,exact|,bB];..." (exact: select from the true logits; '
+                         'bB: B-bit key codes)')
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--encode-chunk", type=int, default=64)

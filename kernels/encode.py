@@ -13,21 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.reference.codes import KEY_BITS, LEVEL_SCALES
+from sglang_rabitq.reference.codes import LEVEL_SCALES, key_bits_of
 
 ENCODE_BLOCK_N = 64  # keys per program (one lazy-encode chunk of a request at the default chunk size)
 ENCODE_BLOCK_D = 16  # key dimensions per step of the rotation
 ENCODE_WARPS = 4
 KEY_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 SCALES = tl.constexpr(LEVEL_SCALES)
-
-
-def key_bits_of(codes: torch.Tensor, head_dim: int) -> int:
-    """Bits per dimension of a code buffer ``[..., bits * D / 32]``."""
-    bits, rest = divmod(codes.shape[-1], head_dim // 32)
-    if rest or bits not in KEY_BITS:
-        raise ValueError(f"codes of {codes.shape[-1]} words do not hold 1-4 bits per dimension at head dim {head_dim}")
-    return bits
 
 
 def code_buffers(num_slots: int, num_kv_heads: int, head_dim: int, device, num_layers: int | None = None,
@@ -70,10 +62,9 @@ def encode_block(
             o = tl.dot(kc, rot, o, input_precision="ieee")
         if KEY_BITS == 1:
             levels = (o > 0).to(tl.int32)
-            dot = tl.sum(tl.abs(o), axis=1)  # <2b - 1, o>
         else:
             levels = grid_levels(o, KEY_BITS)
-            dot = tl.sum((2 * levels - (2**KEY_BITS - 1)).to(tl.float32) * o, axis=1)
+        dot = tl.sum((2 * levels - (2**KEY_BITS - 1)).to(tl.float32) * o, axis=1)  # <y, o>: sum|o| at one bit
         factor = tl.where(dot > 0, norm_sq / tl.where(dot > 0, dot, 1.0), 0.0)
         offs_w = tl.arange(0, WORDS)
         code = code_ptr + slots[:, None] * stride_cn + h * stride_ch + offs_w[None, :]

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block, key_bits_of
+from sglang_rabitq.kernels.encode import ENCODE_BLOCK_D, ENCODE_BLOCK_N, encode_block
+from sglang_rabitq.reference.codes import key_bits_of
 from sglang_rabitq.kernels.estimate import table_entries, table_words
 
 PRIOR_BLOCK = 64  # keys per block of the sink/window mass

@@ -32,9 +32,9 @@ from sglang_rabitq.kernels.estimate import (
     table_entries,
     table_words,
 )
-from sglang_rabitq.kernels.encode import key_bits_of
 from sglang_rabitq.kernels.histogram import BALLOT, ballot_counts, counts_by_key, key_masks
 from sglang_rabitq.kernels.launch_chain import chain_options, chain_start
+from sglang_rabitq.reference.codes import key_bits_of
 from sglang_rabitq.reference.select import BIN_WIDTH, HIST_BINS
 
 NO_BIN = tl.constexpr(-(2**30))  # top bin of a chunk with no tokens
@@ -243,7 +243,8 @@ def score_chunks(
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
     the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
     D >= ``MMA_MIN_HEAD_DIM``, for one-bit codes only (it reads one bit-plane: more take the table);
-    ``mma_rounds``: 16-token tiles per warp an iteration there; ``slots_ahead``: each block's slots load with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
+    ``mma_rounds``: 16-token tiles per warp an iteration there; ``slots_ahead``: each block's slots load
+    with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
     up to ``HEADS_AT_ONCE_FROM`` heads count their histograms by warp ballots (``kernels.histogram``)
     where compiled, else with ``tl.histogram``; ``max_registers``: default ``score_max_registers``."""
     bsz, hq = qscal.shape[:2]

@@ -105,6 +105,16 @@ def check_key_bits(bits: int) -> None:
         raise ValueError(f"key bits must be one of {KEY_BITS}, got {bits}")
 
 
+def key_bits_of(words: torch.Tensor, head_dim: int) -> int:
+    """Bits per dimension of packed codes ``[..., bits * D/32]``: what every kernel and this module read
+    the bits from."""
+    bits, rest = divmod(words.shape[-1], head_dim // 32)
+    if rest or bits not in KEY_BITS:
+        raise ValueError(f"codes of {words.shape[-1]} words do not hold {KEY_BITS} bits per dimension at head dim "
+                         f"{head_dim}")
+    return bits
+
+
 def level_scales(bits: int, device=None) -> torch.Tensor:
     """The grid scales tried, times ``2^(bits-1) / max|o|``: from the largest coordinate on the top
     level to clipping ~60 % of it (the grid's angle to Gaussian-like coordinates peaks in between)."""
@@ -137,14 +147,13 @@ def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_levels(words: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Inverse of :func:`pack_levels`: ``[..., bits * D/32]`` -> levels ``[..., D]`` int64."""
     w = head_dim // 32
-    planes = words.shape[-1] // w
-    return sum(unpack_bits(words[..., j * w : (j + 1) * w]) << j for j in range(planes))
+    return sum(unpack_bits(words[..., j * w : (j + 1) * w]) << j for j in range(key_bits_of(words, head_dim)))
 
 
 def code_values(words: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The odd grid values ``y = 2u - (2^bits - 1)`` (float64) of packed codes; ``+-1`` for one bit."""
-    bits = words.shape[-1] // (head_dim // 32)
-    return (2 * unpack_levels(words, head_dim) - (2**bits - 1)).to(torch.float64)
+    top = 2 ** key_bits_of(words, head_dim) - 1
+    return (2 * unpack_levels(words, head_dim) - top).to(torch.float64)
 
 
 def quantize_query(
@@ -210,7 +219,7 @@ def estimate_int(
     """
     d = q_u.shape[-1]
     levels = unpack_levels(codes, d)  # [N, D]
-    top = 2 ** (codes.shape[-1] // (d // 32)) - 1
+    top = 2 ** key_bits_of(codes, d) - 1
     qi = q_u.to(torch.int64)
     u_dot_q = (levels * qi).sum(-1)
     delta = delta.to(torch.float64)
