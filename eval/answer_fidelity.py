@@ -302,8 +302,9 @@ def served_setting(config: dict) -> Setting:
     extra, dflt = config.get("rabitq_args") or "", RaBitQConfig()
     temp = flag_value(extra, "--rabitq-score-temperature")
     cap = flag_value(extra, "--rabitq-max-budget")
+    bits = flag_value(extra, "--rabitq-key-bits")
     return Setting(float(config["top_p"]), float(temp) if temp else dflt.score_temperature,
-                   float(cap) if cap else dflt.max_budget)
+                   float(cap) if cap else dflt.max_budget, key_bits=int(bits) if bits else dflt.key_bits)
 
 
 def served_comparison(result: dict, served: dict) -> dict:

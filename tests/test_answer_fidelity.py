@@ -169,6 +169,8 @@ def test_served_comparison_counts_each_question_once():
                    "only_here_differs": 1, "both_differ": 1, "served_exact": 0.5, "here_exact": 0.5,
                    "dense_answers_equal": 0.75}
     assert A.served_setting({"top_p": 0.9, "rabitq_args": ""}) == A.Setting(0.9, 0.6, 1.0)  # server defaults
+    assert A.served_setting({"top_p": 0.9, "rabitq_args": "--rabitq-key-bits 3 --rabitq-max-budget 0.15"}) \
+        == A.Setting(0.9, 0.6, 0.15, key_bits=3)
     served["runs"]["dense"]["levels"][0]["results"][0]["prompt_key"] = "unknown"
     try:
         A.served_comparison({"questions": rows}, served)
