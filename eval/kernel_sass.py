@@ -57,12 +57,12 @@ POINTER_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "logit_pt
 def kernel_spec(name: str, group: int, head_dim: int, num_chunks: int = 128, num_warps: int = 4, mma: bool = True,
                 key_bits: int = 1):
     """The kernel and the constexprs its launcher gives it (``num_chunks``: chunks per request;
-    ``mma``: the score pass's estimate on the tensor cores, else the nibble table, as for ``key_bits``
-    > 1: bits per dimension of the key codes)."""
+    ``mma``: the score pass's estimate on the tensor cores, else the nibble table; ``key_bits``: bits
+    per dimension of the key codes)."""
     gp = triton.next_power_of_2(group)
     if name == "score":
         consts = dict(GROUP=group, GP=gp, D=head_dim, BLOCK_N=SCORE_BLOCK_N, HBLOCK=HIST_BLOCK_N, NB=HIST_BINS,
-                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma and key_bits == 1,
+                      BIN_W=BIN_WIDTH, PLAN_FIELDS=6, WPE=table_words(group), HW=True, MMA=mma,
                       W=num_warps, R=MMA_ROUNDS, AHEAD=SLOTS_AHEAD, BALLOT_HIST=True, OFFS32=True, KEY_BITS=key_bits,
                       PDL=True)
         return _score_kernel, consts

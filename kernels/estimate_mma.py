@@ -11,7 +11,8 @@ operands sit in registers in the layout the instruction defines per lane (``grou
 ``tig = lane % 4``): A holds word ``tig`` of tokens ``groupID`` and ``groupID + 8``; B word ``tig`` of
 column ``groupID``; the result, columns ``2 tig`` and ``2 tig + 1`` of both rows. Each lane then
 weights its two planes, and trades one row with the lane of the other two planes of its head, so that
-each lane ends with one (token, head) estimate.
+each lane ends with one (token, head) estimate. Key codes of several bits per dimension take one such
+MMA per key bit-plane, summed with weights ``2^j`` (exact integers still).
 
 That per-lane layout is built from the thread index (``%tid.x``) inside tensors of one element per
 thread (``32 * num_warps`` elements, loaded through computed, non-contiguous addresses, which Triton
@@ -111,22 +112,27 @@ def _round_slots(r2t_row, n0, row_a, end, W: tl.constexpr, R: tl.constexpr, OFFS
 
 @triton.jit
 def _round_words(codes_ptr, factor_ptr, tiles, stride_cn, stride_fn, tig, odd, in_d, D: tl.constexpr,
-                 R: tl.constexpr):
-    """Per tile: the A words (``tig`` of both rows), the factor and position of the lane's own token.
-    Unmasked: a row past the chunk's end has slot 0 (its slot load was masked), a slot of the pool, and
-    its estimate is never stored; only the padding words of a row shorter than 128 bits must be 0."""
+                 R: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Per tile: the A words (``tig`` of both rows) of each bit-plane, the factor and position of the
+    lane's own token. Unmasked: a row past the chunk's end has slot 0 (its slot load was masked), a slot
+    of the pool, and its estimate is never stored; only the padding words of a row shorter than 128 bits
+    must be 0."""
+    WORDS: tl.constexpr = D // 32
     words = ()
     for r in tl.static_range(R):
         pos_a, slot_a, slot_b = tiles[r]
-        if D >= 128:
-            a0 = tl.load(codes_ptr + slot_a * stride_cn + tig)
-            a1 = tl.load(codes_ptr + slot_b * stride_cn + tig)
-        else:
-            a0 = tl.load(codes_ptr + slot_a * stride_cn + tig, mask=in_d, other=0)
-            a1 = tl.load(codes_ptr + slot_b * stride_cn + tig, mask=in_d, other=0)
+        planes = ()
+        for j in tl.static_range(KEY_BITS):
+            if D >= 128:
+                a0 = tl.load(codes_ptr + slot_a * stride_cn + j * WORDS + tig)
+                a1 = tl.load(codes_ptr + slot_b * stride_cn + j * WORDS + tig)
+            else:
+                a0 = tl.load(codes_ptr + slot_a * stride_cn + j * WORDS + tig, mask=in_d, other=0)
+                a1 = tl.load(codes_ptr + slot_b * stride_cn + j * WORDS + tig, mask=in_d, other=0)
+            planes = planes + ((a0, a1),)
         pos = pos_a + 8 * odd  # the lane's own token
         gf = tl.load(factor_ptr + tl.where(odd == 1, slot_b, slot_a) * stride_fn)
-        words = words + ((a0, a1, gf, pos),)
+        words = words + ((planes, gf, pos),)
     return words
 
 
@@ -135,7 +141,7 @@ def mma_chunk_logits(
     codes_ptr, factor_ptr, r2t_row, logit_base, head_row, qscal_ptr, table, start, end, b, hkv, HQ,
     stride_cn, stride_fn, sm_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    AHEAD: tl.constexpr, OFFS32: tl.constexpr,
+    AHEAD: tl.constexpr, OFFS32: tl.constexpr, KEY_BITS: tl.constexpr = 1,
 ):
     """Estimated logits of a chunk ``[start, end)`` of request ``b``'s scored region for every query
     head of kv-head ``hkv``, stored in fp16 where ``logit_rows`` puts them; returns their max per head
@@ -145,7 +151,8 @@ def mma_chunk_logits(
     and factors (``codes[:, hkv]``, ``factor[:, hkv]``); ``logit_base``: where the group's first head's
     logit of position 0 goes (``logit_rows``), each further head ``head_row`` logits on; ``table``: its
     kv-head's nibble-table entries. ``OFFS32``: ``slot_offsets``.
-    The logit is ``g * (a <b, q_u> + b popcount(b) + c)`` as in ``estimate.block_logits``.
+    The logit is ``g * (a <u, q_u> + b sum(u) + c)`` as in ``estimate.block_logits``: codes of
+    ``KEY_BITS`` bit-planes take one MMA a plane, weighted ``2^j``.
     ``AHEAD``: the next round's slots load beside this round's code words (software pipelining of
     the gather slot -> code word), else each round waits on both in turn."""
     NT: tl.constexpr = (GROUP + 1) // 2
@@ -164,7 +171,7 @@ def mma_chunk_logits(
     maxes = ()
     for t in tl.static_range(NT):
         head = 2 * t + tig // 2
-        ka, kb, kc = logit_constants(qscal_ptr, b * HQ + hkv * GROUP + head, head < GROUP, sm_scale, D)
+        ka, kb, kc = logit_constants(qscal_ptr, b * HQ + hkv * GROUP + head, head < GROUP, sm_scale, D, KEY_BITS)
         consts = consts + ((ka, kb, kc, head * head_row),)
         maxes = maxes + (tl.full((32 * W,), float("-inf"), tl.float32),)
     if AHEAD:
@@ -172,19 +179,24 @@ def mma_chunk_logits(
     # all of a round's loads go out before its first MMA
     for n0 in range(start, end, STEP):
         if AHEAD:  # this round's slots came with the round before; the next round's load beside its code words
-            this = _round_words(codes_ptr, factor_ptr, tiles, stride_cn, stride_fn, tig, odd, in_d, D, R)
+            this = _round_words(codes_ptr, factor_ptr, tiles, stride_cn, stride_fn, tig, odd, in_d, D, R, KEY_BITS)
             tiles = _round_slots(r2t_row, n0 + STEP, row_a, end, W, R, OFFS32)
         else:  # two memory round trips a round: its slots, then its code words
             this = _round_words(codes_ptr, factor_ptr, _round_slots(r2t_row, n0, row_a, end, W, R, OFFS32),
-                                stride_cn, stride_fn, tig, odd, in_d, D, R)
+                                stride_cn, stride_fn, tig, odd, in_d, D, R, KEY_BITS)
         for r in tl.static_range(R):
-            a0, a1, gf, pos = this[r]
+            planes, gf, pos = this[r]
             valid = pos < end
-            ones = row_popcount(a0, a1, odd).to(tl.float32)
+            ones = tl.zeros_like(odd)
+            for j in tl.static_range(KEY_BITS):
+                ones += row_popcount(planes[j][0], planes[j][1], odd) << j
+            ones = ones.to(tl.float32)
             new_maxes = ()
             for t in tl.static_range(NT):
                 ka, kb, kc, row = consts[t]
-                dot = mma_dot(a0, a1, frags[t], odd)
+                dot = tl.zeros_like(odd)
+                for j in tl.static_range(KEY_BITS):
+                    dot += mma_dot(planes[j][0], planes[j][1], frags[t], odd) << j
                 lg = tl.where(valid, gf * (ka * dot.to(tl.float32) + (kb * ones + kc)), float("-inf")).to(tl.float16)
                 head = 2 * t + tig // 2
                 tl.store(logit_base + (row + pos), lg, mask=valid & (head < GROUP))

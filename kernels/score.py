@@ -138,7 +138,8 @@ def _score_kernel(
         head_row = NC * tl.load(plan_ptr + b * PLAN_FIELDS + 3)  # logits of one head: NC chunks
         logit_base = logit_ptr + logit_rows(plan_ptr, b, hkv * GROUP, HQ, NC, PLAN_FIELDS)
         m = mma_chunk_logits(codes_kv, factor_kv, r2t_ptr + rpi * stride_r2t, logit_base, head_row, qscal_ptr, table,
-                             start, end, b, hkv, HQ, stride_cn, stride_fn, sm_scale, GROUP, GP, D, W, R, AHEAD, OFFS32)
+                             start, end, b, hkv, HQ, stride_cn, stride_fn, sm_scale, GROUP, GP, D, W, R, AHEAD, OFFS32,
+                             KEY_BITS)
     else:
         k_dot, k_ones, k_0 = logit_constants(qscal_ptr, qrows, gmask, sm_scale, D, KEY_BITS)
         # running max per (head, column), reduced across columns once after the loop
@@ -242,7 +243,7 @@ def score_chunks(
     """Fill ``logits`` (fp16, laid out per ``logit_rows``) and ``stats`` for every (request, query
     head, chunk) of the plan's scored regions. ``num_warps``: default ``score_num_warps``; ``mma``:
     the estimate on the tensor cores (``kernels.estimate_mma``), default where the GPU has them and
-    D >= ``MMA_MIN_HEAD_DIM``, for one-bit codes only (it reads one bit-plane: more take the table);
+    D >= ``MMA_MIN_HEAD_DIM`` (one MMA per bit-plane of the codes);
     ``mma_rounds``: 16-token tiles per warp an iteration there; ``slots_ahead``: each block's slots load
     with the block before (``SLOTS_AHEAD``); ``ballot``: groups of
     up to ``HEADS_AT_ONCE_FROM`` heads count their histograms by warp ballots (``kernels.histogram``)
@@ -259,7 +260,6 @@ def score_chunks(
         raise ValueError(f"chunk statistics hold {stats.capacity} rows, need {bsz * hq * nc}")
     bits = key_bits_of(codes, d)
     use_mma = (d >= MMA_MIN_HEAD_DIM and mma_estimate(codes.device)) if mma is None else mma
-    use_mma = use_mma and bits == 1  # the tensor cores' estimate reads one bit-plane
     warps = num_warps or score_num_warps(group, d)
     _score_kernel[(bsz, num_kv_heads, nc)](
         qtable, qscal, codes, factor, req_to_token, plan, logits,

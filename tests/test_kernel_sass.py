@@ -53,16 +53,17 @@ def test_score_histogram_loop_counts_by_ballots_in_one_load_per_thread():
     assert not {"BAR", "STS", "LDS", "ATOMS"} & hist.keys()
 
 
-@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (6, 128), (7, 64), (8, 128)])
-def test_score_tensor_core_loop_runs_one_mma_per_two_heads(group, head_dim):
+@pytest.mark.parametrize("group,head_dim,key_bits", [(1, 64, 1), (4, 128, 1), (6, 128, 1), (7, 64, 1), (8, 128, 1),
+                                                   (4, 128, 2), (6, 128, 3)])
+def test_score_tensor_core_loop_runs_one_mma_per_two_heads_and_plane(group, head_dim, key_bits):
     # one element per thread of the lane tensors (kernels.estimate_mma): a thread holding two would
     # run each MMA twice, with operands of the wrong lanes
     out = kernel_sass("--kernel", "score", "--num-warps", "4", "--head-dim", str(head_dim), "--group", str(group),
-                      "--top", "100")
+                      "--key-bits", str(key_bits), "--top", "100")
     estimate = next(ops for ops in loop_opcodes(out) if "BMMA" in ops)
-    assert estimate["BMMA"] == (group + 1) // 2 * MMA_ROUNDS
-    # per thread and 16 tokens of its warp: 2 slots, a code word of each, the factor of its token
-    assert estimate["LDG"] == 5 * MMA_ROUNDS
+    assert estimate["BMMA"] == (group + 1) // 2 * key_bits * MMA_ROUNDS
+    # per thread and 16 tokens of its warp: 2 slots, a code word of each row and plane, the factor of its token
+    assert estimate["LDG"] == (3 + 2 * key_bits) * MMA_ROUNDS
     assert estimate["STG"] == (group + 1) // 2 * MMA_ROUNDS  # a logit per head pair
     assert "POPC" in estimate and not {"BAR", "STS", "LDS"} & estimate.keys()
 
@@ -90,8 +91,13 @@ def test_score_register_cap_spills_nothing_at_larger_groups(group, head_dim, num
     assert_no_spills("score", head_dim, group, num_warps)  # (num_warps: score_num_warps')
 
 
-def assert_no_spills(kernel, head_dim, group, num_warps):
+@pytest.mark.parametrize("key_bits", [2, 4])
+def test_score_tensor_core_estimate_of_several_planes_spills_nothing(key_bits):
+    assert_no_spills("score", 128, 4, 4, key_bits)  # Llama-3.1-8B shape, every plane's words of 4 tiles held
+
+
+def assert_no_spills(kernel, head_dim, group, num_warps, key_bits=1):
     out = kernel_sass("--kernel", kernel, "--num-warps", str(num_warps), "--head-dim", str(head_dim),
-                      "--group", str(group), "--resources", "--top", "1")
+                      "--group", str(group), "--key-bits", str(key_bits), "--resources", "--top", "1")
     m = re.search(r"(\d+) registers per thread, (\d+) B spill stores, (\d+) B spill loads", out)
     assert m and int(m.group(2)) == 0 and int(m.group(3)) == 0, out.splitlines()[0]

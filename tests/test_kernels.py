@@ -442,12 +442,15 @@ def _assert_same_scores(a, b):
     assert torch.equal(st_a.count, st_b.count)
 
 
-@pytest.mark.skipif(not (ON_GPU and mma_estimate(torch.device(DEVICE))), reason="needs a GPU with 1-bit MMA")
-@pytest.mark.parametrize("hq,hkv,d", [(3, 3, 64), (4, 2, 64), (32, 8, 128), (12, 2, 128), (14, 2, 64), (8, 1, 128)])
-def test_score_tensor_core_estimate_equals_nibble_table(hq, hkv, d, fresh_seed):
-    # both sum the same integers <b, q_u> and apply the same float formula: the same stored logits,
-    # maxima and bin counts, bit for bit (poisoned outputs: every element is written by both)
-    batch = make_batch([3000, 517, 130], hq, hkv, d, DEVICE, seed=fresh_seed)
+@pytest.mark.skipif(not (ON_GPU and mma_estimate(torch.device(DEVICE))), reason="needs a GPU with the 1-bit MMA")
+@pytest.mark.parametrize("hq,hkv,d,bits", [(3, 3, 64, 1), (4, 2, 64, 1), (32, 8, 128, 1), (12, 2, 128, 1),
+                                           (14, 2, 64, 1), (8, 1, 128, 1),
+                                           (32, 8, 128, 2), (12, 2, 128, 3), (14, 2, 64, 3), (8, 1, 128, 4)])
+def test_score_tensor_core_estimate_equals_nibble_table(hq, hkv, d, bits, fresh_seed):
+    # both sum the same integers <u, q_u> (one MMA or table walk per bit-plane) and apply the same
+    # float formula: the same stored logits, maxima and bin counts, bit for bit (poisoned outputs:
+    # every element is written by both)
+    batch = make_batch([3000, 517, 130], hq, hkv, d, DEVICE, seed=fresh_seed, key_bits=bits)
     variants = [(batch.codes, batch.factor, dict(mma=mma)) for mma in (True, False)]
     _assert_same_scores(*_scores(batch, hq, hkv, d, 5, variants))
 
