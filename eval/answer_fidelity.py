@@ -297,21 +297,30 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     return out
 
 
-def served_setting(config: dict) -> Setting:
-    """The selection a ``prefix_sharing.py`` result's rabitq server ran with (server defaults filled in)."""
-    extra, dflt = config.get("rabitq_args") or "", RaBitQConfig()
-    temp = flag_value(extra, "--rabitq-score-temperature")
-    cap = flag_value(extra, "--rabitq-max-budget")
-    bits = flag_value(extra, "--rabitq-key-bits")
-    return Setting(float(config["top_p"]), float(temp) if temp else dflt.score_temperature,
-                   float(cap) if cap else dflt.max_budget, key_bits=int(bits) if bits else dflt.key_bits)
+def served_setting(config: dict, head_dim: int) -> Setting:
+    """The selection a ``prefix_sharing.py`` result's rabitq server ran with: its flags, and where one is
+    absent the server's default for the model's ``head_dim`` (``RaBitQConfig.for_head_dim``; runs from
+    before those defaults depended on the head dim, 2026-12-07, served 1-bit codes at every head dim)."""
+    extra = config.get("rabitq_args") or ""
+    given = {"score_temperature": flag_value(extra, "--rabitq-score-temperature"),
+             "max_budget": flag_value(extra, "--rabitq-max-budget"), "key_bits": flag_value(extra, "--rabitq-key-bits")}
+    cfg = RaBitQConfig(top_p=float(config["top_p"]), **{k: float(v) if k != "key_bits" else int(v)
+                                                         for k, v in given.items() if v is not None})
+    cfg = cfg.for_head_dim(head_dim)
+    return Setting(cfg.top_p, cfg.score_temperature, cfg.max_budget, key_bits=cfg.key_bits)
 
 
-def served_comparison(result: dict, served: dict) -> dict:
+def model_head_dim(model_dir: str) -> int:
+    """Head dim of an HF model folder (``head_dim`` in config.json, else hidden size / heads)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def served_comparison(result: dict, served: dict, head_dim: int) -> dict:
     """Per user question, whether a served run (a ``prefix_sharing.py`` result of the same workload flags:
     GPU, batched, bf16) gave dense's answer, beside whether this study's selection at its setting did.
     Questions are matched by their prompt (``prefix_sharing.prompt_key``)."""
-    setting = served_setting(served["config"])
+    setting = served_setting(served["config"], head_dim)
     runs = served["runs"]
     dense = [x for lv in runs["dense"]["levels"] for x in lv["results"]]
     other = [x for lv in runs["rabitq"]["levels"] for x in lv["results"]]
@@ -452,7 +461,8 @@ def finish(result: dict, args, settings: list[Setting]) -> dict:
     """Adds the per-setting summary and the served comparisons; writes the JSON and its markdown table."""
     result["summary"] = summarize(result["questions"], settings)
     if args.served:
-        result["served"] = [{"file": Path(f).name, **served_comparison(result, json.loads(Path(f).read_text()))}
+        head_dim = model_head_dim(result["model"]["path"])
+        result["served"] = [{"file": Path(f).name, **served_comparison(result, json.loads(Path(f).read_text()), head_dim)}
                             for f in args.served]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

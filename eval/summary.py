@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.accuracy import config_key, config_name, config_order, mean_score_budget  # noqa: E402
 from eval.server import RESULTS, flag_value, write_json  # noqa: E402
-from sglang_rabitq.config import RaBitQConfig  # noqa: E402
+from sglang_rabitq.config import default_selection  # noqa: E402
 
 PREFIX_KEYS = ("agreement", "codes_reused", "codes_encoded", "dense_tpot_ms", "rabitq_tpot_ms")
 
@@ -39,7 +39,8 @@ def _joined(sources: list[dict], key: str) -> str:
 
 def speed_model(result: dict, row: dict) -> str:
     """A speed row's model with what sets its budget: the prompts (where the run recorded them), the
-    top-p, and a score temperature, budget cap or dense-batch threshold of 0 given in the run's rabitq flags."""
+    top-p, and a score temperature, budget cap, key bits or dense-batch threshold of 0 given in the run's
+    rabitq flags."""
     cfg = result.get("config") or {}
     setting = [f"{result['prompts']} prompts"] if result.get("prompts") else []
     if cfg.get("top_p") is not None:
@@ -51,6 +52,9 @@ def speed_model(result: dict, row: dict) -> str:
     cap = flag_value(flags, "--rabitq-max-budget")
     if cap is not None:
         setting.append(f"cap {cap}")
+    bits = flag_value(flags, "--rabitq-key-bits")
+    if bits is not None:
+        setting.append(f"{bits}-bit keys")
     if flag_value(flags, "--rabitq-min-batch-context") == "0":
         setting.append("every step sparse")  # else batches of little total context attend densely
     return f"{row['model']} ({', '.join(setting)})" if setting else str(row["model"])
@@ -144,7 +148,8 @@ def accuracy_table(acc: list[dict]) -> list[str]:
             lines.append(f"| {task} | {ctx} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Score 0-100; in parentheses the decode budget (attended / context tokens). t: the score "
-                 f"temperature, where a run set it (else the server's default, {RaBitQConfig.score_temperature}). Where two "
+                 f"temperature, where a run set it (else the server's default: {default_selection(1)[1]} with 1-bit key codes, "
+                 f"{default_selection(2)[1]} with more). Where two "
                  "runs scored the same configuration, the one over more samples is shown.")
     return lines
 

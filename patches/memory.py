@@ -25,7 +25,7 @@ def _after_compute_cell_size(cell_size, self, kvc, num_layers):
     cfg = kvc.model_config
     kv_heads = cfg.get_num_kv_heads(get_parallel().attn_tp_size)
     sparse = max(0, int(num_layers) - config.dense_layers)
-    extra = code_bytes_per_token(sparse, kv_heads, cfg.head_dim, config.key_bits)
+    extra = code_bytes_per_token(sparse, kv_heads, cfg.head_dim, config.for_head_dim(cfg.head_dim).key_bits)
     extra += workspace_bytes_per_slot(cfg.get_num_attention_heads(get_parallel().attn_tp_size), kv_heads)
     logger.info("rabitq: code pool and decode workspace add %d B per KV slot to %d B of K/V", extra, cell_size)
     return cell_size + extra

@@ -8,7 +8,8 @@ import json
 import logging
 import os
 
-from sglang_rabitq.config import AUTO_DENSE_KV_BYTES, CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig
+from sglang_rabitq.config import (
+    AUTO_DENSE_KV_BYTES, CENTER_MODES, ROUNDING_MODES, TOP_P_SCOPES, RaBitQConfig, default_key_bits, default_selection)
 from sglang_rabitq.reference.codes import KEY_BITS
 
 logger = logging.getLogger("sglang_rabitq")
@@ -20,10 +21,12 @@ _DEFAULTS = RaBitQConfig()
 def add_rabitq_args(parser) -> None:
     g = parser.add_argument_group("RaBitQ sparse decode (--attention-backend rabitq)")
     g.add_argument("--rabitq-top-p", type=float, default=_DEFAULTS.top_p,
-                   help="estimated attention mass each query head keeps, in (0, 1]; 1 attends every token")
+                   help="estimated attention mass each query head keeps, in (0, 1]; 1 attends every token "
+                        "(default: %g with 1-bit key codes, %g with more)" % (default_selection(1)[0], default_selection(2)[0]))
     g.add_argument("--rabitq-score-temperature", type=float, default=_DEFAULTS.score_temperature,
                    help="estimated logits are multiplied by this before top-p; < 1 undoes the sharpening that "
-                        "estimation noise causes (chosen from eval/results/fidelity.md)")
+                        "estimation noise causes (default: %g with 1-bit key codes, %g with more)"
+                        % (default_selection(1)[1], default_selection(2)[1]))
     g.add_argument("--rabitq-top-p-scope", choices=TOP_P_SCOPES, default=_DEFAULTS.top_p_scope,
                    help="context: p of the whole context's attention mass (the sink and recent window, attended "
                         "exactly, count towards it); scored: p of the mass of the tokens outside them")
@@ -51,7 +54,8 @@ def add_rabitq_args(parser) -> None:
                    help="INT4 query rounding: nearest or random (unbiased)")
     g.add_argument("--rabitq-key-bits", type=int, choices=KEY_BITS, default=_DEFAULTS.key_bits,
                    help="bits per dimension of each key's code: more bits estimate the logits more closely (each "
-                        "about halves the error) for D/8 more bytes per token and kv-head of index and score reads")
+                        "about halves the error) for D/8 more bytes per token and kv-head of index and score reads "
+                        "(default: %d at head dim 64, %d at 128)" % (default_key_bits(64), default_key_bits(128)))
     g.add_argument("--rabitq-seed", type=int, default=_DEFAULTS.seed, help="seed of the random rotations")
     g.add_argument("--rabitq-prefill-backend", choices=PREFILL_CHOICES, default="flashinfer",
                    help="SGLang backend that runs the dense prefill / extend attention")

@@ -59,7 +59,7 @@ class RaBitQAttnBackend(AttentionBackend):
         super().__init__()
         tp_rank, tp_size = _tp_rank_and_size(model_runner)
         check_runner(model_runner, tp_size)
-        self.config = config
+        config = self.config = config.for_head_dim(model_runner.model_config.head_dim)
         self.dense = dense_backend
         # the dense backend decodes the dense layers (torch_native cannot run in CUDA graphs: ours do)
         self.dense_decode = not isinstance(dense_backend, TorchNativeAttnBackend)

@@ -46,7 +46,7 @@ class CodePool:
         ``kv_head_offset`` = this tensor-parallel rank's first global kv-head: rotations are drawn
         per global (layer, kv-head), so a model's codes do not depend on the TP degree.
         """
-        self.config = config
+        config = self.config = config.for_head_dim(head_dim)
         self.num_layers = num_layers
         self.sparse_layers = list(range(min(config.dense_layers, num_layers), num_layers))
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim

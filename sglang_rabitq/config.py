@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from sglang_rabitq.reference.codes import check_key_bits
 from sglang_rabitq.reference.decode import TOP_P_SCOPES
@@ -17,10 +17,31 @@ AUTO_DENSE_KV_BYTES = 512 << 20
 ROUNDING_MODES = ("nearest", "random")
 
 
+def default_key_bits(head_dim: int) -> int:
+    """Key bits where ``--rabitq-key-bits`` is not given. At head dim 64 one bit per dimension changed
+    dense's greedy answers at every setting measured on Qwen2.5-Coder-0.5B (at most 17 of 32 kept,
+    answer_fidelity-qwen05-*.md); 3 bits at the multi-bit operating point kept 31 of 32 on the CPU and
+    served them at the batching noise floor (e2e-h100-2026-12-07c-qwen05-key-bits3.md). At head dim 128
+    one bit at t 0.6 served all 44 answers on Qwen2.5-Coder-1.5B at p 0.9 (prefix_sharing-qwen15.json),
+    below the default p; other head dims are unmeasured and take one bit."""
+    return 3 if head_dim <= 64 else 1
+
+
+def default_selection(key_bits: int) -> tuple[float, float]:
+    """``(top_p, score_temperature)`` where the flags are not given, for codes of ``key_bits``. One-bit
+    estimates are noisy enough to sharpen the estimated softmax, which a temperature of 0.6 offsets
+    (fidelity.md); more bits estimate closely enough for the plain softmax and a lower p
+    (answer_fidelity-qwen05-key-bits.md, answer_fidelity-qwen15-key-bits.md)."""
+    return (0.95, 0.6) if key_bits == 1 else (0.9, 1.0)
+
+
 @dataclass(frozen=True)
 class RaBitQConfig:
-    top_p: float = 0.95  # estimated attention mass each query head keeps
-    score_temperature: float = 0.6  # estimated logits x this before top-p (noise sharpens them)
+    """``None`` fields take their value from the model's head dim (``for_head_dim``): ``key_bits`` from
+    ``default_key_bits``, then ``top_p`` and ``score_temperature`` from ``default_selection``."""
+
+    top_p: float | None = None  # estimated attention mass each query head keeps
+    score_temperature: float | None = None  # estimated logits x this before top-p (noise sharpens them)
     # p of the scored region's estimated mass, or of the whole context's (the sink and window's exact
     # mass counts): on SmolLM2 the two keep equal true mass within 6 % of K/V budget (fidelity-scope.md)
     top_p_scope: str = "scored"
@@ -42,12 +63,14 @@ class RaBitQConfig:
     rounding: str = "nearest"  # INT4 query rounding: nearest or random (unbiased)
     # bits per dimension of the key codes: each one about halves the estimate's error, and adds D/8 bytes
     # per token and kv-head to the index and to each step's score pass
-    key_bits: int = 1
+    key_bits: int | None = None
     seed: int = 0  # seed of the random rotations
 
     def __post_init__(self) -> None:
-        check_fraction(top_p=self.top_p, max_budget=self.max_budget)
-        if not (0.0 < float(self.score_temperature) <= 4.0):
+        check_fraction(max_budget=self.max_budget)
+        if self.top_p is not None:
+            check_fraction(top_p=self.top_p)
+        if self.score_temperature is not None and not (0.0 < float(self.score_temperature) <= 4.0):
             raise ValueError(f"score_temperature must be in (0, 4], got {self.score_temperature}")
         check_non_negative(
             sink=self.sink, window=self.window, dense_layers=self.dense_layers, seed=self.seed
@@ -61,7 +84,15 @@ class RaBitQConfig:
         check_choice("center", self.center, CENTER_MODES)
         check_choice("top_p_scope", self.top_p_scope, TOP_P_SCOPES)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
-        check_key_bits(self.key_bits)
+        if self.key_bits is not None:
+            check_key_bits(self.key_bits)
+
+    def for_head_dim(self, head_dim: int) -> "RaBitQConfig":
+        """This config with its ``None`` fields set for a model of ``head_dim`` (flags given stay)."""
+        bits = self.key_bits if self.key_bits is not None else default_key_bits(head_dim)
+        top_p, temperature = default_selection(bits)
+        return replace(self, key_bits=bits, top_p=top_p if self.top_p is None else self.top_p,
+                       score_temperature=temperature if self.score_temperature is None else self.score_temperature)
 
     @classmethod
     def from_server_args(cls, server_args) -> "RaBitQConfig":

@@ -164,16 +164,19 @@ def test_served_comparison_counts_each_question_once():
                        for e in "dbca"]
     served = {"config": {"top_p": 0.8, "rabitq_args": "--rabitq-score-temperature 1.0"},
               "runs": {"dense": {"levels": [{"results": level(0)}]}, "rabitq": {"levels": [{"results": level(1)}]}}}
-    got = A.served_comparison({"questions": rows}, served)
+    got = A.served_comparison({"questions": rows}, served, 128)
     assert got == {"setting": label, "questions": 4, "both_equal": 1, "only_served_differs": 1,
                    "only_here_differs": 1, "both_differ": 1, "served_exact": 0.5, "here_exact": 0.5,
                    "dense_answers_equal": 0.75}
-    assert A.served_setting({"top_p": 0.9, "rabitq_args": ""}) == A.Setting(0.9, 0.6, 1.0)  # server defaults
-    assert A.served_setting({"top_p": 0.9, "rabitq_args": "--rabitq-key-bits 3 --rabitq-max-budget 0.15"}) \
-        == A.Setting(0.9, 0.6, 0.15, key_bits=3)
+    # the server's defaults for the head dim where a flag is absent
+    assert A.served_setting({"top_p": 0.9, "rabitq_args": ""}, 128) == A.Setting(0.9, 0.6, 1.0)
+    assert A.served_setting({"top_p": 0.9, "rabitq_args": ""}, 64) == A.Setting(0.9, 1.0, 1.0, key_bits=3)
+    assert A.served_setting({"top_p": 0.8, "rabitq_args": "--rabitq-key-bits 2 --rabitq-max-budget 0.15"}, 128) \
+        == A.Setting(0.8, 1.0, 0.15, key_bits=2)
+    assert A.served_setting({"top_p": 0.9, "rabitq_args": "--rabitq-key-bits 1"}, 64) == A.Setting(0.9, 0.6, 1.0)
     served["runs"]["dense"]["levels"][0]["results"][0]["prompt_key"] = "unknown"
     try:
-        A.served_comparison({"questions": rows}, served)
+        A.served_comparison({"questions": rows}, served, 128)
     except ValueError as e:
         assert "other questions" in str(e)
     else:

@@ -92,7 +92,7 @@ def test_decode_matches_reference_and_encodes_lazily_in_chunks(scope, key_bits):
                 b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
                 torch.tensor([row]), torch.tensor([length]), torch.tensor([enc_before]),
                 top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
-                score_temperature=CFG.score_temperature, top_p_scope=scope, center=b.pool.center[lid],
+                score_temperature=b.config.score_temperature, top_p_scope=scope, center=b.pool.center[lid],
             )
             assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
             assert max(len(a) for a in attended[0]) < length  # sparse
@@ -203,7 +203,7 @@ def test_a_mixed_batch_extends_one_request_while_another_decodes():
         b.pool.codes[lid], b.pool.factor[lid], b.pool.rot[lid], h.req_pool.req_to_token,
         torch.tensor([row_a]), torch.tensor([length + 1]), torch.tensor([length]),
         top_p=CFG.top_p, sink=CFG.sink, window=CFG.window, sm_scale=64**-0.5,
-        score_temperature=CFG.score_temperature, center=b.pool.center[lid],
+        score_temperature=b.config.score_temperature, center=b.pool.center[lid],
     )
     assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
     assert max(len(a) for a in attended[0]) < length + 1  # sparse
@@ -302,7 +302,7 @@ def test_max_budget_caps_the_set_even_at_top_p_one():
         b.pool.codes[2], b.pool.factor[2], b.pool.rot[2], h.req_pool.req_to_token,
         torch.tensor([row]), torch.tensor([401]), torch.tensor([enc]),
         top_p=1.0, sink=cfg.sink, window=cfg.window, sm_scale=64**-0.5,
-        score_temperature=cfg.score_temperature, center=b.pool.center[2], max_budget=0.1,
+        score_temperature=b.config.score_temperature, center=b.pool.center[2], max_budget=0.1,
     )
     assert torch.allclose(out.view(1, 4, 64).float(), ref, atol=3e-2, rtol=2e-2)
     # a kv-head attends about the cap of its scored tokens (a cut bin of <= SMALL_BIN tokens is kept
@@ -452,6 +452,12 @@ def test_a_batch_below_min_batch_context_attends_densely_and_keeps_the_codes_cur
     snap = b.stats.snapshot()
     assert snap["dense_steps"] == 30 and snap["decode_steps"] == 31
     assert snap["attended_tokens"] < snap["context_tokens"]
+
+
+def test_the_backend_resolves_unset_flags_for_the_models_head_dim():
+    b = make(Harness(), RaBitQConfig(sink=8, window=16, dense_layers=1, encode_chunk=8))  # head dim 64
+    assert (b.config.key_bits, b.config.top_p, b.config.score_temperature) == (3, 0.9, 1.0)
+    assert b.pool.codes[1].shape[-1] == 3 * 64 // 32  # three bit-planes stored
 
 
 def test_without_a_dense_decode_kernel_the_threshold_applies_only_when_asked():

@@ -94,16 +94,18 @@ def test_accuracy_of_several_runs_keeps_the_larger_sample_and_each_temperature(t
     assert "| qa | 32768 | 50.0 | 40.0 (44%) | 50.0 (30%) | 30.0 (15%) |" in table
 
 
-def test_speed_rows_name_the_top_p_temperature_cap_and_threshold_their_run_served_at():
+def test_speed_rows_name_the_top_p_temperature_cap_key_bits_and_threshold_their_run_served_at():
     runs = [{**SPEED, "prompts": "text", "config": {"top_p": 0.8, "rabitq_args": "--rabitq-score-temperature 1.0"}},
             {**SPEED, "prompts": "text", "config": {"top_p": 0.9, "rabitq_args": ""}},
             {**SPEED, "prompts": "random", "config": {"top_p": 0.9, "rabitq_args": "--rabitq-max-budget=0.1"}},
             {**SPEED, "prompts": "text", "config": {"top_p": 0.9, "rabitq_args": "--rabitq-max-budget 0.1 "
-                                                                                  "--rabitq-min-batch-context 0"}}]
+                                                                                  "--rabitq-min-batch-context 0"}},
+            {**SPEED, "prompts": "text", "config": {"top_p": 0.9, "rabitq_args": "--rabitq-key-bits 3"}}]
     s = SM.build_summary([], runs, None)
     assert {r["model"] for r in s["speed"]} == {"qwen05 (text prompts, p 0.8, t 1.0)", "qwen05 (text prompts, p 0.9)",
                                                 "qwen05 (random prompts, p 0.9, cap 0.1)",
-                                                "qwen05 (text prompts, p 0.9, cap 0.1, every step sparse)"}
+                                                "qwen05 (text prompts, p 0.9, cap 0.1, every step sparse)",
+                                                "qwen05 (text prompts, p 0.9, 3-bit keys)"}
     assert SM.flag_value("--rabitq-score-temperature=0.5 --rabitq-score-temperature 0.7", "--rabitq-score-temperature") == "0.7"
 
 

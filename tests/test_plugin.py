@@ -89,9 +89,25 @@ def test_memory_hook_targets_exist_and_cost_is_counted():
 @pytest.mark.parametrize("field,value", [("encode_chunk", 0), ("calibrate_tokens", 0), ("calibrate_tokens", 2.5),
                                          ("center", "mean"), ("top_p", 0.0), ("max_budget", 0.0), ("max_budget", 1.5),
                                          ("min_batch_context", -1), ("min_batch_context", 2.5), ("key_bits", 0),
-                                         ("key_bits", 5)])
+                                         ("key_bits", 5), ("score_temperature", 0.0)])
 def test_bad_settings_are_refused_naming_the_setting(field, value):
     from sglang_rabitq.config import RaBitQConfig
 
     with pytest.raises(ValueError, match=field if field in ("max_budget", "min_batch_context") else field.split("_")[0]):
         RaBitQConfig(**{field: value})
+
+
+def test_unset_selection_flags_take_the_defaults_of_the_models_head_dim():
+    from sglang_rabitq.config import RaBitQConfig
+
+    unset = RaBitQConfig()
+    assert (unset.key_bits, unset.top_p, unset.score_temperature) == (None, None, None)
+    got = lambda cfg, d: (lambda c: (c.key_bits, c.top_p, c.score_temperature))(cfg.for_head_dim(d))  # noqa: E731
+    assert got(unset, 64) == (3, 0.9, 1.0)  # head dim 64: 1-bit estimates changed answers (config.default_key_bits)
+    assert got(unset, 128) == (1, 0.95, 0.6)
+    # a flag given stays; the others follow the key bits in force
+    assert got(RaBitQConfig(key_bits=1), 64) == (1, 0.95, 0.6)
+    assert got(RaBitQConfig(key_bits=2), 128) == (2, 0.9, 1.0)
+    assert got(RaBitQConfig(top_p=0.8), 64) == (3, 0.8, 1.0)
+    assert got(RaBitQConfig(score_temperature=0.5), 128) == (1, 0.95, 0.5)
+    assert RaBitQConfig(key_bits=2).for_head_dim(64).for_head_dim(128) == RaBitQConfig(key_bits=2).for_head_dim(64)
