@@ -297,10 +297,13 @@ def summarize(rows: list[dict], settings: list[Setting]) -> list[dict]:
     return out
 
 
-def served_setting(config: dict, head_dim: int) -> Setting:
-    """The selection a ``prefix_sharing.py`` result's rabitq server ran with: its flags, and where one is
-    absent the server's default for the model's ``head_dim`` (``RaBitQConfig.for_head_dim``; runs from
-    before those defaults depended on the head dim, 2026-12-07, served 1-bit codes at every head dim)."""
+def served_setting(config: dict, head_dim: int, logged: dict | None = None) -> Setting:
+    """The selection a ``prefix_sharing.py`` result's rabitq server ran with: the config it logged
+    (``logged``, recorded since 2026-12-07), else its flags, and where one is absent the server's default
+    for the model's ``head_dim`` (``RaBitQConfig.for_head_dim``; runs from before those defaults depended
+    on the head dim, 2026-12-07, served 1-bit codes at every head dim)."""
+    if logged:
+        return Setting(logged["top_p"], logged["score_temperature"], logged["max_budget"], key_bits=logged["key_bits"])
     extra = config.get("rabitq_args") or ""
     given = {"score_temperature": flag_value(extra, "--rabitq-score-temperature"),
              "max_budget": flag_value(extra, "--rabitq-max-budget"), "key_bits": flag_value(extra, "--rabitq-key-bits")}
@@ -320,8 +323,8 @@ def served_comparison(result: dict, served: dict, head_dim: int) -> dict:
     """Per user question, whether a served run (a ``prefix_sharing.py`` result of the same workload flags:
     GPU, batched, bf16) gave dense's answer, beside whether this study's selection at its setting did.
     Questions are matched by their prompt (``prefix_sharing.prompt_key``)."""
-    setting = served_setting(served["config"], head_dim)
     runs = served["runs"]
+    setting = served_setting(served["config"], head_dim, runs["rabitq"].get("rabitq_config"))
     dense = [x for lv in runs["dense"]["levels"] for x in lv["results"]]
     other = [x for lv in runs["rabitq"]["levels"] for x in lv["results"]]
     ours = {r["prompt_key"]: r for r in result["questions"]}

@@ -221,6 +221,8 @@ def run_backend(args, kind, index, prompts, ctx_len) -> dict:
         info = srv.info()
         cap = info.get("max_total_num_tokens") or (info.get("internal_states") or [{}])[0].get("max_total_num_tokens")
         out["max_total_num_tokens"] = cap
+        if kind != "dense":
+            out["rabitq_config"] = srv.rabitq_config()  # the key bits, top-p and temperature that ran
         contexts = [args.ref_context] + [c for c in args.contexts if c != args.ref_context]
         fits = lambda ctx, b: not cap or b * (ctx + args.gen) <= 0.95 * cap  # noqa: E731
         for b in args.batches:  # warm-up, not recorded: every batch size once, at the reference context

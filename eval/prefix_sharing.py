@@ -107,6 +107,8 @@ def run_backend(args, work, kind, index) -> dict:
     out = {"backend": kind, "levels": [], "chats": None, "repeat": None}
     with S.server_for(args, kind, index, args.top_p if kind == "rabitq" else None) as srv:
         client = srv.openai()
+        if kind == "rabitq":
+            out["rabitq_config"] = srv.rabitq_config()
         S.warmup_chat(client, work["warmup"])  # an unrelated document: shares only the system prompt
         start = before = srv.snapshot()
         for level in work["levels"]:

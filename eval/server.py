@@ -11,6 +11,7 @@ Only the standard library is needed here (urllib for HTTP); openai and tqdm are 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as _dt
 import json
 import os
@@ -178,6 +179,11 @@ class Server:
             return json.loads(http_get(self.url + "/server_info", timeout=30)[1])
         except (OSError, ValueError):
             return {}
+
+    def rabitq_config(self) -> dict | None:
+        """The settings this rabitq server runs with, unset flags resolved for its model (its startup log
+        line, ``logged_rabitq_config``); None for another backend."""
+        return logged_rabitq_config(self.log_path.read_text(errors="replace")) if self.log_path.exists() else None
 
     def snapshot(self) -> dict:
         """rabitq_snapshot after the counters have caught up. The rabitq backend exports its device counters
@@ -398,6 +404,21 @@ def scrape(url: str, timeout: float = 30.0) -> dict[str, float]:
     except OSError:
         return {}
     return parse_prometheus(body) if status == 200 else {}
+
+
+# the backend's startup line: "rabitq: RaBitQConfig(top_p=0.9, ..., key_bits=3, seed=0); ..."
+_CONFIG_LINE = re.compile(r"rabitq: RaBitQConfig\((.*?)\);")
+_CONFIG_FIELD = re.compile(r"(\w+)=('[^']*'|[^,]+)")
+
+
+def logged_rabitq_config(log: str) -> dict | None:
+    """The first ``RaBitQConfig`` a rabitq server logged (its fields as values), or None. The backend logs
+    it after resolving the flags not given for the model's head dim, so a result file records the key
+    bits, top-p and temperature that actually ran."""
+    m = _CONFIG_LINE.search(log)
+    if not m:
+        return None
+    return {k: ast.literal_eval(v) for k, v in _CONFIG_FIELD.findall(m.group(1))}
 
 
 def snapshot_from(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -219,6 +219,11 @@ def serve():
     print("fake sglang", sys.argv, flush=True)
     print("fake triton cache", os.environ.get("TRITON_CACHE_DIR"), flush=True)
     print("max_total_num_tokens=50000", flush=True)  # what SGLang logs once its KV pool is sized
+    if args.attention_backend == "rabitq":  # the backend's startup line, its config resolved for head dim 64
+        from sglang_rabitq.config import RaBitQConfig
+
+        cfg = RaBitQConfig(top_p=args.rabitq_top_p, score_temperature=args.rabitq_score_temperature).for_head_dim(64)
+        print(f"rabitq: {cfg}; 22 of 24 layers sparse", flush=True)
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 
@@ -350,6 +355,10 @@ if __name__ != "__main__":
         assert dense["levels"][0]["correct"] == dense["chats"]["correct"] == 100.0
         assert dense["totals"]["cache_hit_rate"] > 0.5  # same documents: long shared prefixes
         assert ours["totals"]["codes_reused"] > ours["totals"]["codes_encoded"] > 0
+        # what the server logged it ran with: --top-p, and the head-dim defaults for the flags not given
+        assert {k: ours["rabitq_config"][k] for k in ("top_p", "score_temperature", "key_bits")} == \
+            {"top_p": 0.9, "score_temperature": 1.0, "key_bits": 3}
+        assert "rabitq_config" not in dense
         assert 0.0 < data["agreement"]["overall"]["exact"] < 1.0
         assert data["agreement"]["overall"]["compared"] + data["agreement"]["overall"]["diverged_inputs"] == 6 * 2 + 2 * 3
         assert dense["repeat"]["self_exact"] == 1.0
@@ -466,6 +475,9 @@ if __name__ != "__main__":
                            "--rabitq-args=--rabitq-min-batch-context 4096"])
         data = json.loads(out.read_text())
         assert all(r["always_sparse"]["speedup"] > 0 for r in data["rows"])
+        # each rabitq server's logged config (the fake's, resolved for head dim 64) is kept beside its points
+        assert [data["runs"][k]["rabitq_config"]["key_bits"] for k in ("rabitq", "rabitq-sparse")] == [3, 3]
+        assert "rabitq_config" not in data["runs"]["dense"]
         logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("speed-*.log")}
         (sparse_log,) = [text for name, text in logs.items() if name.startswith("speed-2-")]
         # the run's own threshold first, then 0, which SGLang's parser takes (the last value wins)
@@ -493,6 +505,19 @@ if __name__ != "__main__":
                  for i, extra in enumerate([["--rabitq-score-temperature", "0.8"], ["--rabitq-score-temperature", "1.0"], []])]
         assert names == ["acc-0-rabitq-p0.8-t0.8.log", "acc-1-rabitq-p0.8-t1.0.log", "acc-2-rabitq-p0.8.log"]
         assert S.server_for(args, "dense", 3).log_path.name == "acc-3-dense.log"
+
+    def test_the_config_a_rabitq_server_ran_with_is_read_from_its_log():
+        from eval import answer_fidelity as A
+        from eval import server as S
+
+        # a committed server log of the 0.5B served with --rabitq-key-bits 3 (its startup line)
+        log = ROOT / "eval/results/logs-2026-12-07c-h100-qwen05-key-bits3/plogs"
+        got = S.logged_rabitq_config(next(log.glob("*rabitq*.log")).read_text())
+        assert (got["top_p"], got["score_temperature"], got["key_bits"], got["max_budget"]) == (0.9, 1.0, 3, 1.0)
+        assert got["center"] == "calibrate" and got["min_batch_context"] == 0
+        assert S.logged_rabitq_config("fake sglang\nmax_total_num_tokens=50000\n") is None  # a dense server
+        # the served comparison takes what the server logged over what its flags and defaults imply
+        assert A.served_setting({"top_p": 0.9, "rabitq_args": ""}, 128, got) == A.Setting(0.9, 1.0, 1.0, key_bits=3)
 
 
 if __name__ == "__main__":
