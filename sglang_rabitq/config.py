@@ -23,7 +23,7 @@ def default_key_bits(head_dim: int) -> int:
     answer_fidelity-qwen05-*.md); 3 bits at the multi-bit operating point kept 31 of 32 on the CPU and
     served them at the batching noise floor (e2e-h100-2026-12-07c-qwen05-key-bits3.md). At head dim 128
     one bit at t 0.6 served all 44 answers on Qwen2.5-Coder-1.5B at p 0.9 (prefix_sharing-qwen15.json),
-    below the default p; other head dims are unmeasured and take one bit."""
+    below the default p. Only 64 and 128 are measured: smaller head dims take 3 bits, larger ones 1."""
     return 3 if head_dim <= 64 else 1
 
 
