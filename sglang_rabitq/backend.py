@@ -59,7 +59,6 @@ class RaBitQAttnBackend(AttentionBackend):
         super().__init__()
         tp_rank, tp_size = _tp_rank_and_size(model_runner)
         check_runner(model_runner, tp_size)
-        config = self.config = config.for_head_dim(model_runner.model_config.head_dim)
         self.dense = dense_backend
         # the dense backend decodes the dense layers (torch_native cannot run in CUDA graphs: ours do)
         self.dense_decode = not isinstance(dense_backend, TorchNativeAttnBackend)
@@ -75,6 +74,7 @@ class RaBitQAttnBackend(AttentionBackend):
         max_bs = self.req_to_token.shape[0]
         self.pool = CodePool(config, num_slots, max_bs, num_layers, self.num_kv_heads, self.head_dim,
                              self.device, kv_head_offset=tp_rank * self.num_kv_heads)
+        config = self.config = self.pool.config  # flags not given, set for this model's head dim
         self.ws = DecodeWorkspace(max_bs, self.num_q_heads, self.num_kv_heads, self.head_dim, cfg.context_len, self.device,
                                   max_tokens=WORKSPACE_TOKENS_PER_SLOT * num_slots)
         self.planner = DecodePlanner(self.pool, self.ws, max_bs, self.device)
